@@ -1,0 +1,11 @@
+"""The pack's ComfyUI nodes (V3 schema), registered through one ComfyExtension."""
+
+from comfy_api.latest import ComfyExtension, io
+
+
+class TLoRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODE_LIST)
+
+
+NODE_LIST: list[type[io.ComfyNode]] = []

@@ -1,0 +1,230 @@
+"""The real ComfyUI runtime for tests, the demo and benchmarks: bootstrap, tiny models, sampling.
+
+``bootstrap()`` puts the ComfyUI root first on ``sys.path`` (from ``COMFYUI_ROOT``, else the
+runtime that ``scripts/setup_runtime.sh`` provisions in ``.runtime/ComfyUI``), forces CPU, and
+imports the pack as the package ``comfyui_tlora`` so tests use the same module objects that the
+nodes use. Tiny SDXL / FLUX models are built from ComfyUI's own model classes with seeded weights;
+the real-size ones on torch's meta device give real module names and shapes without memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = "comfyui_tlora"
+
+TINY_SDXL_CONFIG: dict[str, Any] = {
+    "model_channels": 32, "in_channels": 4, "out_channels": 4,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+    "transformer_depth_middle": 1, "context_dim": 32, "adm_in_channels": 32 + 6 * 256,
+    "use_linear_in_transformer": True, "num_classes": "sequential", "legacy": False,
+    "use_spatial_transformer": True, "image_size": 32, "use_checkpoint": False,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+# The SDXL unet config ComfyUI detects from sd_xl_base_1.0 (comfy/model_detection.py).
+REAL_SDXL_CONFIG: dict[str, Any] = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+    "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0,
+    "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+    "qkv_bias": True,
+}
+# FLUX.1-dev as ComfyUI detects it (19 double blocks, 38 single blocks, hidden 3072).
+REAL_FLUX_CONFIG: dict[str, Any] = {
+    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+    "patch_size": 2, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+    "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+    "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+}
+
+_BOOTSTRAPPED = False
+
+
+def comfyui_root() -> Path:
+    root = Path(os.environ.get("COMFYUI_ROOT") or REPO / ".runtime" / "ComfyUI")
+    if not (root / "nodes.py").is_file():
+        raise RuntimeError(
+            f"No ComfyUI at {root}. Run scripts/setup_runtime.sh, or set COMFYUI_ROOT to a ComfyUI "
+            "checkout.")
+    return root
+
+
+def bootstrap() -> None:
+    """Make ComfyUI importable in this process on the CPU, and import the pack."""
+    global _BOOTSTRAPPED
+    if _BOOTSTRAPPED:
+        return
+    root = str(comfyui_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.options
+
+    comfy.options.args_parsing = False
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = False
+    # Must come before `nodes`: it puts ComfyUI/comfy first on sys.path, after which a bare
+    # `import utils` would find comfy/utils.py.
+    import comfy.model_management  # noqa: F401
+    import utils.extra_config  # noqa: F401
+
+    import_pack()
+    _BOOTSTRAPPED = True
+
+
+def import_pack():
+    """The repository imported as the package ``comfyui_tlora`` (idempotent)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def init_nodes() -> None:
+    """Load ComfyUI's built-in extra nodes and register the pack's nodes (idempotent)."""
+    bootstrap()
+    import nodes
+
+    if "TLoRALoader" in nodes.NODE_CLASS_MAPPINGS or getattr(init_nodes, "_done", False):
+        return
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    extension = asyncio.run(sys.modules[PACK_NAME].comfy_entrypoint())
+    for node_cls in asyncio.run(extension.get_node_list()):
+        schema = node_cls.GET_SCHEMA()
+        nodes.NODE_CLASS_MAPPINGS[schema.node_id] = node_cls
+        nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
+    init_nodes._done = True
+
+
+def _fill_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    # ComfyUI creates layers with uninitialised memory (comfy.ops.disable_weight_init).
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if name.endswith(("norm.weight", "scale")) or ".norm" in name and name.endswith("weight"):
+                param.copy_(1.0 + std * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(std * torch.randn(param.shape, generator=gen))
+
+
+def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A ComfyUI ModelPatcher around an SDXL or FLUX model built from ComfyUI's classes.
+
+    ``config`` defaults to the tiny config of the family; weights are seeded random values unless
+    ``device`` is ``"meta"`` (real-size shapes without memory).
+    """
+    bootstrap()
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if family == "sdxl":
+        config = dict(config or TINY_SDXL_CONFIG)
+        model_config = comfy.supported_models.SDXL(config)
+        if config.get("num_head_channels") is None:
+            # The SDXL class forces 64-channel heads; tiny widths need smaller ones.
+            model_config.unet_config["num_head_channels"] = 16
+    elif family == "flux":
+        model_config = comfy.supported_models.Flux(dict(config or TINY_FLUX_CONFIG))
+    else:
+        raise ValueError(f"unknown model family {family!r}")
+    model_config.set_inference_dtype(dtype, None)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            model = model_config.get_model({})
+        return model
+    model = model_config.get_model({})
+    _fill_seeded(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+
+
+def fake_conditioning(family: str, batch: int = 1, seed: int = 1, tokens: int = 8,
+                      context_dim: int = 32, pooled_dim: int = 32) -> list:
+    """Conditioning in ComfyUI's format with random embeddings of the tiny models' widths."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(batch, tokens if family == "flux" else 77, context_dim, generator=gen)
+    pooled = torch.randn(batch, pooled_dim, generator=gen)
+    if family == "sdxl":
+        extra = {"pooled_output": pooled, "width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
+                 "target_width": 1024, "target_height": 1024}
+    else:
+        extra = {"pooled_output": pooled, "guidance": 3.5}
+    return [[ctx, extra]]
+
+
+def latent_channels(family: str) -> int:
+    return 4 if family == "sdxl" else 16
+
+
+def sample(model, family: str, steps: int = 4, seed: int = 0, size: int = 32, batch: int = 1,
+           cfg: float = 1.0, sampler: str = "euler", scheduler: str = "normal",
+           positive=None, negative=None, denoise: float = 1.0) -> torch.Tensor:
+    """Run ComfyUI's own KSampler path (comfy.sample.sample) and return the latent."""
+    bootstrap()
+    import comfy.sample
+
+    latent = torch.zeros(batch, latent_channels(family), size, size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    positive = positive if positive is not None else fake_conditioning(family, seed=1)
+    negative = negative if negative is not None else fake_conditioning(family, seed=2)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative,
+                               latent, denoise=denoise, seed=seed, disable_pbar=True)
+
+
+class _PromptServer:
+    """The few attributes PromptExecutor uses of the server, recording what it is sent."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event, data, sid=None) -> None:
+        self.messages.append((event, data))
+
+
+def run_prompt(prompt: dict, outputs: list[str] | None = None) -> tuple[Any, _PromptServer]:
+    """Validate and run an API-format prompt in ComfyUI's real PromptExecutor.
+
+    Returns the executor (``.success``, ``.history_result``, ``.caches``) and the fake server with
+    the messages it was sent. Raises AssertionError with ComfyUI's own report if validation fails.
+    """
+    init_nodes()
+    import execution
+
+    valid = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    if not valid[0]:
+        raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
+    server = _PromptServer()
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    prompt_id = str(uuid.uuid4())
+    executor.execute(prompt, prompt_id, {"client_id": None}, outputs or valid[2])
+    return executor, server

