@@ -202,7 +202,7 @@ class _PromptServer:
     """The few attributes PromptExecutor uses of the server, recording what it is sent."""
 
     def __init__(self) -> None:
-        self.client_id = None
+        self.client_id = "tests"
         self.last_node_id = None
         self.last_prompt_id = None
         self.messages: list[tuple[str, Any]] = []
@@ -224,7 +224,8 @@ def run_prompt(prompt: dict, outputs: list[str] | None = None) -> tuple[Any, _Pr
     if not valid[0]:
         raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
     server = _PromptServer()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                       cache_args={"lru": 0, "ram": 0})
     prompt_id = str(uuid.uuid4())
-    executor.execute(prompt, prompt_id, {"client_id": None}, outputs or valid[2])
+    executor.execute(prompt, prompt_id, {"client_id": "tests"}, outputs or valid[2])
     return executor, server

@@ -1,0 +1,49 @@
+"""The test harness itself: tiny models run, real-size inventories are right, prompts execute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.comfy
+
+
+def test_tiny_models_sample_deterministically(comfy, family):
+    first = comfy.sample(comfy.build_model(family, seed=0), family, steps=3, seed=5)
+    again = comfy.sample(comfy.build_model(family, seed=0), family, steps=3, seed=5)
+    other = comfy.sample(comfy.build_model(family, seed=1), family, steps=3, seed=5)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_real_size_sdxl_has_the_560_attention_linears(comfy):
+    model = comfy.build_model("sdxl", comfy.REAL_SDXL_CONFIG, device="meta")
+    attn = {name: tuple(m.weight.shape) for name, m in model.diffusion_model.named_modules()
+            if isinstance(m, torch.nn.Linear) and (".attn1." in name or ".attn2." in name)}
+    assert len(attn) == 560
+    assert attn["input_blocks.4.1.transformer_blocks.0.attn2.to_k"] == (640, 2048)
+    assert attn["middle_block.1.transformer_blocks.9.attn1.to_out.0"] == (1280, 1280)
+    assert attn["output_blocks.5.1.transformer_blocks.1.attn2.to_v"] == (640, 2048)
+
+
+def test_real_size_flux_has_fused_qkv(comfy):
+    model = comfy.build_model("flux", comfy.REAL_FLUX_CONFIG, device="meta")
+    shapes = {name: tuple(m.weight.shape) for name, m in model.diffusion_model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    assert shapes["double_blocks.18.img_attn.qkv"] == (9216, 3072)
+    assert shapes["double_blocks.0.txt_attn.proj"] == (3072, 3072)
+    assert shapes["single_blocks.37.linear1"] == (3072 * 3 + 12288, 3072)
+    assert "double_blocks.19.img_attn.qkv" not in shapes and "single_blocks.38.linear1" not in shapes
+
+
+def test_run_prompt_executes_a_real_graph(comfy):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 8, "batch_size": 2, "color": 255}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
+    executor, server = comfy.run_prompt(prompt)
+    assert executor.success, server.messages
+    images = executor.history_result["outputs"]["2"]["images"]
+    assert len(images) == 2
+    assert any(event == "executed" for event, _ in server.messages)
