@@ -1,0 +1,237 @@
+"""Bad files get a TLoRAFileError naming the file and the fix; partial matches warn with counts."""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+
+import pytest
+import torch
+from file_format_helpers import FLUX_INV, SDXL_INV, make_weights, read_raw, rewrite
+
+import tlora_core.adapter
+import tlora_core.schedule
+import tlora_core.weights
+from tlora_core.file_format import detect_format, load_tlora_file, save_tlora
+from tlora_core.validate import (
+    TLoRAFileError,
+    detect_architecture,
+    guess_file_architecture,
+    inventory_from_module,
+)
+
+core = tlora_core
+QKV = "lora_unet_double_blocks_0_img_attn_qkv"
+TO_Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+
+
+class NotATensor:
+    """A class weights_only unpickling must refuse."""
+
+
+@pytest.fixture
+def sdxl_file(tmp_path):
+    return save_tlora(tmp_path / "dog.safetensors", make_weights(core, "tlora", "sdxl"), inventory=SDXL_INV)
+
+
+@pytest.fixture
+def flux_file(tmp_path):
+    return save_tlora(tmp_path / "cat.safetensors", make_weights(core, "tlora", "flux"), inventory=FLUX_INV)
+
+
+def expect_error(path, inventory, *needles, **kwargs) -> str:
+    with pytest.raises(TLoRAFileError) as info:
+        load_tlora_file(path, inventory, **kwargs)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and path.name in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def test_text_file_is_not_safetensors(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_text("hello, this is not a tensor file")
+    expect_error(path, SDXL_INV, "not a valid safetensors file")
+
+
+def test_pickle_with_a_safetensors_name_is_refused(tmp_path):
+    path = tmp_path / "sneaky.safetensors"
+    torch.save({"a": torch.zeros(2)}, path)
+    expect_error(path, SDXL_INV, "looks like a PyTorch pickle")
+
+
+def test_unsafe_pickle_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "lora.pt"
+    torch.save({"a": NotATensor()}, path)
+    expect_error(path, SDXL_INV, "refused", "could run code")
+
+
+@pytest.mark.parametrize("payload,needle", [({"a": torch.zeros(1), "b": "text"}, "'b' is a str"),
+                                            ({"a": {"nested": torch.zeros(1)}}, "'a' is a dict"),
+                                            ([torch.zeros(1)], "holds a list")])
+def test_pickle_that_is_not_a_flat_dict_of_tensors_is_refused(tmp_path, payload, needle):
+    path = tmp_path / "lora.pth"
+    torch.save(payload, path)
+    expect_error(path, SDXL_INV, needle)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_truncated_files_are_reported_as_corrupt(tmp_path, sdxl_file, suffix):
+    path = tmp_path / f"cut{suffix}"
+    if suffix == ".pt":
+        torch.save(read_raw(sdxl_file)[0], path)
+    else:
+        path.write_bytes(sdxl_file.read_bytes())
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    expect_error(path, SDXL_INV, "corrupt", "truncated")
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path / "gone.safetensors", SDXL_INV, "no such file")
+
+
+def test_tensors_only_pickle_reaches_format_detection(tmp_path):
+    path = tmp_path / "weights.bin"
+    torch.save({"something.else": torch.zeros(3)}, path)
+    expect_error(path, SDXL_INV, "not a LoRA or T-LoRA file this loader knows", "'something.else'")
+
+
+def test_file_for_another_architecture_names_both_and_lists_keys(sdxl_file):
+    message = expect_error(sdxl_file, FLUX_INV, "made for SDXL", "the model is FLUX", "lora_unet_input_blocks_4_1")
+    assert "Load it on the model it was trained for" in message
+
+
+def test_architecture_is_guessed_from_the_written_key_names_alone(flux_file, sdxl_file):
+    assert guess_file_architecture(read_raw(flux_file)[0].keys()) == "flux"
+    assert guess_file_architecture(read_raw(sdxl_file)[0].keys()) == "sdxl"
+    expect_error(flux_file, SDXL_INV, "made for FLUX", "the model is SDXL", QKV)
+
+
+def test_partial_match_warns_with_counts_and_records_it(sdxl_file, caplog):
+    inventory = dict(SDXL_INV)
+    del inventory["label_emb.0.0"], inventory["input_blocks.4.1.transformer_blocks.0.ff.net.2"]
+    with caplog.at_level(logging.WARNING):
+        loaded = load_tlora_file(sdxl_file, inventory)
+    assert len(loaded.adapters) == len(SDXL_INV) - 2
+    assert len(loaded.warnings) == 1 and "2 of 10 entries" in loaded.warnings[0]
+    assert "dog.safetensors" in loaded.warnings[0] and "the other 8 layers are applied" in loaded.warnings[0]
+    assert any("2 of 10 entries" in r.getMessage() for r in caplog.records)
+
+
+def test_shape_mismatch_names_layer_expected_and_found(sdxl_file):
+    inventory = dict(SDXL_INV)
+    inventory["input_blocks.4.1.transformer_blocks.0.attn2.to_k"] = (32, 2048)
+    expect_error(sdxl_file, inventory, "layer 'input_blocks.4.1.transformer_blocks.0.attn2.to_k'",
+                 "expects (out=32, in=2048)", "down (8, 24)")
+
+
+def test_fused_rows_beyond_the_layer_are_a_shape_mismatch(flux_file):
+    inventory = dict(FLUX_INV)
+    inventory["single_blocks.0.linear1"] = (40, 16)        # layout says rows up to 48
+    expect_error(flux_file, inventory, "single_blocks.0.linear1")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_tensor_names_the_key(sdxl_file, bad):
+    up = read_raw(sdxl_file)[0][f"{TO_Q}.lora_up.weight"].clone()
+    up[3, 1] = bad
+    rewrite(sdxl_file, tensors={f"{TO_Q}.lora_up.weight": up})
+    expect_error(sdxl_file, SDXL_INV, f"'{TO_Q}.lora_up.weight'", "NaN/Inf", "1 NaN/Inf value(s)")
+
+
+@pytest.mark.parametrize("edit,needles", [
+    ({"tlora.min_rank": "9"}, ["inconsistent T-LoRA metadata", "min_rank must be an integer in [1, rank=4]"]),
+    ({"tlora.variant": "dora"}, ["unknown variant 'dora'"]),
+    ({"tlora.format_version": "2"}, ["format version 2 is not known", "Update the pack"]),
+    ({"tlora.rank": "3"}, ["8 columns do not match rank 3 x 2 part(s)"]),
+    ({"tlora.rank": "four"}, ["'tlora.rank' = 'four' is not a int"]),
+    ({"tlora.power": "-1"}, ["schedule power"]),
+    ({"tlora.min_rank": None}, ["variant 'tlora' needs a schedule"]),
+    ({"tlora.architecture": "sd15"}, ["unknown architecture 'sd15'"]),
+    ({"tlora.layout": "{oops"}, ["tlora.layout is not valid JSON"]),
+    ({"tlora.layout": json.dumps({"label_emb.0.0": [{"rows": None, "columns": 6, "parts": 2}]})},
+     ["the layout has 6 columns, the tensors 8"]),
+    ({"tlora.layout": json.dumps({"no.such.layer": [{"rows": None, "columns": 8, "parts": 2}]})},
+     ["layout names layers with no tensors"]),
+])
+def test_inconsistent_metadata_is_refused(sdxl_file, edit, needles):
+    rewrite(sdxl_file, metadata=edit, drop=[k for k, v in edit.items() if v is None])
+    expect_error(sdxl_file, SDXL_INV, *needles)
+
+
+def test_incomplete_pair_and_edited_off_block_weights_are_refused(flux_file, sdxl_file):
+    up = read_raw(flux_file)[0][f"{QKV}.lora_up.weight"].clone()
+    up[0, 20] = 1.0                                        # q row, v adapter's columns
+    rewrite(flux_file, tensors={f"{QKV}.lora_up.weight": up})
+    expect_error(flux_file, FLUX_INV, "non-zero weights outside its adapters' blocks")
+    rewrite(sdxl_file, drop=[f"{TO_Q}.lora_up.weight"])
+    expect_error(sdxl_file, SDXL_INV, "has no '.lora_up.weight' tensor")
+
+
+def test_edited_alpha_is_applied_like_a_stock_loader_would(sdxl_file):
+    before = load_tlora_file(sdxl_file, SDXL_INV).adapters["label_emb.0.0"][0].up
+    rewrite(sdxl_file, tensors={"lora_unet_label_emb_0_0.alpha": torch.tensor(4.0)})   # k = 8
+    after = load_tlora_file(sdxl_file, SDXL_INV).adapters["label_emb.0.0"][0].up
+    torch.testing.assert_close(after, before * 0.5, rtol=0, atol=0)
+
+
+def test_detect_format_tells_every_supported_kind_apart(sdxl_file):
+    sd, meta = read_raw(sdxl_file)
+    cases = {
+        "tlora": (sd.keys(), meta),
+        "lora": (sd.keys(), {}),
+        "reference-sdxl": (["down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor."
+                            "to_q_lora.q_layer.weight"], {}),
+        "reference-flux": (["single_transformer_blocks.3.attn.processor.to_k_lora.down.weight"], {}),
+        "lycoris": (["lycoris_transformer_blocks_0_attn_to_q.lambda_layer"], {}),
+        "unknown": (["model.diffusion_model.input_blocks.0.0.weight"], {}),
+    }
+    assert {name: detect_format(keys, m) for name, (keys, m) in cases.items()} == \
+        {name: name for name in cases}
+
+
+@pytest.mark.parametrize("keys,meta,expected", [
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"], {}, "flux"),
+    (["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], {}, "flux"),
+    (["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha"], {}, "sdxl"),
+    (["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha",
+      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha"], {}, "sd1"),
+    (["lora_unet_joint_blocks_0_x_block_attn_qkv.alpha"], {}, "sd3"),
+    (["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"], {}, "text-encoder"),
+    (["x.alpha"], {"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
+    (["x.alpha"], {"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+])
+def test_guess_file_architecture(keys, meta, expected):
+    assert guess_file_architecture(keys, meta) == expected
+
+
+def test_inventory_and_architecture_of_a_module_tree_on_the_meta_device():
+    def tree(**children):
+        module = torch.nn.Module()
+        for name, child in children.items():
+            module.add_module(name, child)
+        return module
+
+    with torch.device("meta"):
+        flux = tree(double_blocks=torch.nn.ModuleList([tree(img_attn=tree(qkv=torch.nn.Linear(8, 24)))]))
+        sdxl = tree(input_blocks=torch.nn.ModuleList([torch.nn.Conv2d(4, 8, 3)]),
+                    label_emb=torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(40, 8))))
+    assert inventory_from_module(flux) == {"double_blocks.0.img_attn.qkv": (24, 8)}
+    assert detect_architecture(inventory_from_module(flux)) == "flux"
+    inv = {"input_blocks.4.1.proj_in": (8, 8), **inventory_from_module(sdxl)}
+    assert detect_architecture(inv) == "sdxl"
+    assert detect_architecture({"input_blocks.4.1.proj_in": (8, 8)}) == "unknown"
+
+
+def test_rank_index_beyond_the_schedule_is_refused(sdxl_file):
+    meta = read_raw(sdxl_file)[1]
+    layout = {"label_emb.0.0": [{"rows": None, "columns": 8, "parts": 2,
+                                 "rank_index": [0, 1, 2, 7, 0, 1, 2, 3]}]}
+    rewrite(sdxl_file, metadata={"tlora.layout": json.dumps(layout)})
+    assert meta["tlora.rank"] == "4"
+    expect_error(sdxl_file, SDXL_INV, "rank indices 0..7 do not fit rank 4")
+    assert collections.Counter(json.loads(read_raw(sdxl_file)[1]["tlora.layout"])) == \
+        collections.Counter(layout)

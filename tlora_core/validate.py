@@ -1,0 +1,184 @@
+"""Checks applied to every T-LoRA / LoRA file before anything of it is used.
+
+Contract: :func:`tlora_core.file_format.load_tlora_file` either returns a :class:`TLoRAWeights`
+whose every adapter fits a Linear layer of the target model, or raises :class:`TLoRAFileError`
+(a ``ValueError``) whose message names the file, says what is wrong and what to do. Nothing is
+returned half-checked, so nothing is half-applied.
+
+The target model is described by an *inventory*: ``{module path: (out_features, in_features)}`` of
+its Linear layers, paths as ComfyUI names them inside the diffusion model (no ``diffusion_model.``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+
+import torch
+
+from .weights import TLoRAWeights
+
+log = logging.getLogger(__name__)
+
+Inventory = Mapping[str, tuple[int, int]]
+
+ARCHITECTURE_LABELS = {
+    "sdxl": "SDXL", "flux": "FLUX", "sd3": "SD3", "sd1": "SD 1.x/2.x",
+    "text-encoder": "text encoders only", "unknown": "an unrecognised model",
+}
+
+
+class TLoRAFileError(ValueError):
+    """A LoRA / T-LoRA file that cannot be used; the message names the file and the fix."""
+
+
+def inventory_from_module(diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{path: (out_features, in_features)}`` of every ``nn.Linear`` in ``diffusion_model``.
+
+    Works on models built on torch's ``meta`` device (shapes without memory).
+    """
+    return {name: (int(mod.out_features), int(mod.in_features))
+            for name, mod in diffusion_model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def detect_architecture(inventory: Inventory) -> str:
+    """``"flux"``, ``"sdxl"`` or ``"unknown"`` from the module paths of a diffusion model."""
+    if any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory):
+        return "flux"
+    # SDXL's UNet is the LDM UNet with a pooled-text/size embedding (label_emb); SD 1.x has none.
+    if any(p.startswith("input_blocks.") for p in inventory) and "label_emb.0.0" in inventory:
+        return "sdxl"
+    return "unknown"
+
+
+_FLUX_KEY = re.compile(r"(double|single)[._]blocks|(^|[._])(single_)?transformer[._]blocks[._]\d+[._]attn[._]")
+_UNET_KEY = re.compile(r"(input|output)[._]blocks|middle[._]block|(down|up)[._]blocks|mid[._]block")
+# Attention in the first UNet level exists in SD 1.x/2.x, not in SDXL.
+_SD1_KEY = re.compile(r"input[._]blocks[._][12][._]1[._]|down[._]blocks[._]0[._]attentions")
+_TE_KEY = re.compile(r"^(lora_te\d?_|text_encoder|te\d?[._]|clip_|t5)")
+
+
+def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    text = " ".join(metadata.get(k, "") for k in (
+        "tlora.architecture", "modelspec.architecture", "ss_base_model_version")).lower()
+    for needle, arch in (("flux", "flux"), ("xl", "sdxl"), ("sd3", "sd3"),
+                         ("stable-diffusion-3", "sd3"), ("v1", "sd1"), ("v2", "sd1")):
+        if needle in text:
+            return arch
+    return None
+
+
+def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+    """Which architecture a file looks made for: a key of :data:`ARCHITECTURE_LABELS`.
+
+    Metadata (``tlora.architecture``, ``modelspec.architecture``, ``ss_base_model_version``) wins;
+    otherwise the block names in the keys vote (FLUX ``double_blocks`` / diffusers
+    ``transformer_blocks.N.attn``, SD3 ``joint_blocks``, LDM / diffusers UNet names).
+    """
+    found = _architecture_from_metadata(metadata or {})
+    if found:
+        return found
+    votes: Counter[str] = Counter()
+    for key in keys:
+        if _FLUX_KEY.search(key) and not _UNET_KEY.search(key):
+            votes["flux"] += 1
+        elif re.search(r"joint[._]blocks", key):
+            votes["sd3"] += 1
+        elif _UNET_KEY.search(key):
+            votes["sd1" if _SD1_KEY.search(key) else "sdxl"] += 1
+        elif _TE_KEY.search(key):
+            votes["text-encoder"] += 1
+    if votes["sd1"]:
+        # One SD 1.x-only block is enough: SDXL files never contain it.
+        votes["sd1"] += votes.pop("sdxl", 0)
+    return votes.most_common(1)[0][0] if votes else "unknown"
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise if any floating tensor holds NaN or Inf, naming the first such key."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TLoRAFileError(
+                f"{source}: tensor '{key}' contains {bad} NaN/Inf value(s) of {tensor.numel()}. "
+                "The training diverged or the file is damaged; use an earlier checkpoint or "
+                "retrain with a lower learning rate.")
+
+
+def _no_match_message(source: str, names: Sequence[str], inventory: Inventory,
+                      file_arch: str) -> str:
+    model_arch = detect_architecture(inventory)
+    sample = ", ".join(f"'{n}'" for n in list(names)[:4]) or "(no LoRA keys at all)"
+    return (f"{source}: none of its layers matches a layer of this model. The file looks made for "
+            f"{ARCHITECTURE_LABELS.get(file_arch, file_arch)}; the model is "
+            f"{ARCHITECTURE_LABELS.get(model_arch, model_arch)}. First keys: {sample}. "
+            "Load it on the model it was trained for, or pick the file made for this model.")
+
+
+def _check_adapter_shapes(source: str, module: str, group: list, shape: tuple[int, int]) -> None:
+    out_features, in_features = shape
+    for adapter in group:
+        if adapter.out_rows is None:
+            rows_fit = adapter.up.shape[0] == out_features
+        else:
+            rows_fit = 0 <= adapter.out_rows[0] < adapter.out_rows[1] <= out_features
+        if adapter.in_features != in_features or not rows_fit:
+            rows = "" if adapter.out_rows is None else f" on output rows {adapter.out_rows}"
+            raise TLoRAFileError(
+                f"{source}: shape mismatch on layer '{module}': the model expects "
+                f"(out={out_features}, in={in_features}), the file has down "
+                f"{tuple(adapter.down.shape)} and up {tuple(adapter.up.shape)}{rows}. "
+                "The file was made for a model of another size (e.g. another base model); "
+                "use the file made for this one.")
+
+
+def _check_adapter_values(source: str, module: str, group: list) -> None:
+    for adapter in group:
+        check_finite({f"{module}.down": adapter.down, f"{module}.up": adapter.up}, source)
+        if adapter.schedule is not None and adapter.rank_index.numel():
+            low, high = int(adapter.rank_index.min()), int(adapter.rank_index.max())
+            if low < 0 or high >= adapter.schedule.rank:
+                raise TLoRAFileError(
+                    f"{source}: inconsistent rank grouping on layer '{module}': rank indices "
+                    f"{low}..{high} do not fit rank {adapter.schedule.rank}. The file's metadata "
+                    "does not match its tensors; re-save it with this pack.")
+
+
+def validate_weights(weights: TLoRAWeights, inventory: Inventory, source: str, *,
+                     file_keys: Sequence[str] = (), unmatched_keys: Sequence[str] = ()) -> TLoRAWeights:
+    """Check ``weights`` against the model's inventory; return a copy without unmatched layers.
+
+    Args:
+        weights: what a reader produced (adapters keyed by module path).
+        inventory: the target model's Linear layers.
+        source: the file's name, used in every message.
+        file_keys: the file's raw keys (quoted when nothing matches, and for the architecture guess).
+        unmatched_keys: file keys the reader already could not map to any module.
+    Raises:
+        TLoRAFileError: nothing matches, a shape does not fit, a tensor is NaN/Inf, or the rank
+            grouping contradicts the schedule.
+    A partial match logs a warning with counts and records it in ``weights.warnings``.
+    """
+    if not inventory:
+        raise ValueError("the model inventory is empty: no Linear layers to apply a LoRA to")
+    matched = {m: g for m, g in weights.adapters.items() if m in inventory}
+    unmatched = list(unmatched_keys) + [m for m in weights.adapters if m not in inventory]
+    if not matched:
+        file_arch = guess_file_architecture(list(file_keys) or unmatched, weights.metadata)
+        raise TLoRAFileError(_no_match_message(source, unmatched or list(file_keys), inventory,
+                                               file_arch))
+    for module, group in matched.items():
+        _check_adapter_shapes(source, module, group, inventory[module])
+        _check_adapter_values(source, module, group)
+    warnings = list(weights.warnings)
+    if unmatched:
+        total = len(matched) + len(unmatched)
+        message = (f"{source}: {len(unmatched)} of {total} entries match no layer of this "
+                   f"{ARCHITECTURE_LABELS[detect_architecture(inventory)]} model and are ignored "
+                   f"(e.g. {', '.join(unmatched[:3])}); the other {len(matched)} layers are applied.")
+        log.warning(message)
+        warnings.append(message)
+    return replace(weights, adapters=matched, warnings=warnings)
