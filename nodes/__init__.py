@@ -9,3 +9,12 @@ class TLoRAExtension(ComfyExtension):
 
 
 NODE_LIST: list[type[io.ComfyNode]] = []
+
+from .train import TLoRATrain  # noqa: E402
+
+NODE_LIST.append(TLoRATrain)
+
+from .loader import TLoRALoader  # noqa: E402
+from .schedule_preview import TLoRASchedulePreview  # noqa: E402
+
+NODE_LIST += [TLoRALoader, TLoRASchedulePreview]

@@ -108,7 +108,7 @@ def init_nodes() -> None:
     bootstrap()
     import nodes
 
-    if "TLoRALoader" in nodes.NODE_CLASS_MAPPINGS or getattr(init_nodes, "_done", False):
+    if getattr(init_nodes, "_done", False):
         return
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     extension = asyncio.run(sys.modules[PACK_NAME].comfy_entrypoint())

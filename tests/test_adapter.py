@@ -138,9 +138,9 @@ def test_masks_are_computed_once_per_call_and_shared_by_layers():
     adapter, _ = ortho_adapter(4, 4, 2, 1)
     state = RankState()
     handles = attach(layers, {name: [adapter] for name in layers}, state)
-    with state.at(torch.tensor([500.0])):
+    with state.at(torch.tensor([900.0, 0.0])):   # samples at different ranks: the mask path
         for layer in layers.values():
-            layer(torch.randn(1, 2, 4))
+            layer(torch.randn(2, 2, 4))
         assert len(state._masks) == 1 and len(state._active) == 1
     assert state.timesteps is None and not state._masks
     detach(handles)

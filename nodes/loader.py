@@ -1,0 +1,157 @@
+"""T-LoRA Loader node: apply a T-LoRA with its timestep-dependent rank mask at every sampling step.
+
+The paper's inference rule (Eq. 5 / Eq. 8): at timestep t only the first
+``r(t) = int(((T - t) / T) ** power * (rank - min_rank)) + min_rank`` ranks are active, so the
+adapter cannot be merged into the weights once (as the stock LoraLoader does); it is applied in
+the forward pass with the mask of each call's noise level (see :mod:`.patch`).
+
+The file is read and checked completely, and the model cloned and patched only afterwards, so a
+bad file, a file for another architecture or an impossible ``min_rank`` raise a message naming the
+file and the fix, and nothing is half-patched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..tlora_core.file_format import load_tlora_file
+from ..tlora_core.validate import TLoRAFileError, inventory_from_module
+from ..tlora_core.weights import TLoRAWeights
+from .patch import install, timestep_kind
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "T-LoRA"
+
+MIN_RANK_TOOLTIP = (
+    "Ranks active at the highest noise level. The active rank grows from min_rank (pure noise) to "
+    "the full rank (clean image) as sampling proceeds (paper Eq. 6). -1 = the value stored in the "
+    "file; files without one (the T-LoRA reference code's) use rank/2. The paper recommends rank/2: "
+    "lower values (rank/4) lose likeness to the subject, higher ones let the early, high-noise steps "
+    "copy the training image's pose and background.")
+POWER_TOOLTIP = (
+    "Shape of the rank schedule r(t) = int(((1000 - t)/1000)^power * (rank - min_rank)) + min_rank. "
+    "0 = the value stored in the file (1.0, the paper's linear schedule, if it stores none). Above 1 "
+    "the rank stays low for more steps; below 1 it reaches the full rank sooner.")
+
+
+def lora_path(lora_name: str) -> str:
+    """The full path of a file in ComfyUI's ``loras`` folders, or a clear error."""
+    path = folder_paths.get_full_path("loras", lora_name) if lora_name else None
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths("loras")) or "(none configured)"
+        raise FileNotFoundError(
+            f"T-LoRA file '{lora_name}' was not found in the loras folders ({folders}). Put the file "
+            "there (or in a folder listed in extra_model_paths.yaml) and refresh the page.")
+    return path
+
+
+def base_weights(patcher) -> dict[str, torch.Tensor]:
+    """``{module path: weight}`` of the diffusion model's Linears as loaded, without patches that
+    ComfyUI may have merged into them in place (LyCORIS files rebuild factors from these)."""
+    out = {}
+    for name, module in patcher.model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            backup = patcher.backup.get(f"diffusion_model.{name}.weight")
+            out[name] = backup.weight if backup is not None else module.weight
+    return out
+
+
+def schedule_ranks(weights: TLoRAWeights) -> set[int]:
+    return {a.schedule.rank for group in weights.adapters.values() for a in group
+            if a.schedule is not None}
+
+
+def read_tlora(patcher, lora_name: str, min_rank: int = -1, schedule_power: float = 0.0,
+               rank_refactor: bool = False) -> TLoRAWeights:
+    """Read ``lora_name`` for ``patcher``'s model with the node's min_rank / power conventions
+    (-1 / 0 = from the file). Raises ValueError / FileNotFoundError with a message for the UI."""
+    if min_rank == 0 or min_rank < -1:
+        raise ValueError(f"min_rank must be -1 (from the file) or a rank >= 1, got {min_rank}")
+    if schedule_power < 0:
+        raise ValueError(f"schedule_power must be 0 (from the file) or > 0, got {schedule_power}")
+    timestep_kind(patcher.get_model_object("model_sampling"))
+    path = lora_path(lora_name)
+    try:
+        weights = load_tlora_file(
+            path, inventory_from_module(patcher.model.diffusion_model),
+            min_rank=None if min_rank == -1 else min_rank,
+            power=None if schedule_power == 0 else schedule_power,
+            rank_refactor=rank_refactor, base_weights=base_weights(patcher))
+    except TLoRAFileError:
+        raise
+    except (OSError, ValueError) as err:
+        raise TLoRAFileError(f"{lora_name}: {err}") from err
+    ranks = schedule_ranks(weights)
+    if min_rank > 0 and ranks and min_rank > max(ranks):
+        raise TLoRAFileError(
+            f"{lora_name}: min_rank {min_rank} is larger than the file's rank {max(ranks)}. Set "
+            f"min_rank between 1 and {max(ranks)} (the paper recommends {max(1, max(ranks) // 2)}), "
+            "or -1 to use the file's value.")
+    if not ranks and (min_rank > 0 or schedule_power > 0):
+        log.info("%s has no rank schedule (an ordinary LoRA): min_rank and schedule_power are "
+                 "ignored; enable schedule_ordinary_lora to give it one", lora_name)
+    for warning in weights.warnings:
+        log.warning("%s", warning)
+    return weights
+
+
+class TLoRALoader(io.ComfyNode):
+    """Apply a T-LoRA file to a model, masking its ranks per sampling step and per sample."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRALoader",
+            display_name="T-LoRA Loader",
+            category=CATEGORY,
+            description=(
+                "Applies a T-LoRA (timestep-dependent LoRA) to the model. Unlike the stock LoRA "
+                "loader, which merges a LoRA once, it applies the adapter in every model call and "
+                "uses only the ranks allowed at that call's noise level: few ranks at high noise "
+                "(less overfitting to the training image), all ranks near the end (detail). Reads "
+                "this pack's files, the T-LoRA reference code's SDXL and FLUX files, LyCORIS "
+                "'tlora' files and, optionally, ordinary LoRAs. Chain several to stack T-LoRAs."),
+            inputs=[
+                io.Model.Input("model", tooltip=(
+                    "The diffusion model (SDXL or FLUX) to apply the T-LoRA to. It is not changed: "
+                    "a patched copy is returned.")),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=(
+                    "The T-LoRA file, from ComfyUI's loras folders: a file from T-LoRA Train, the "
+                    "reference code's pytorch_lora_weights.safetensors (SDXL) or lora.pt (FLUX), a "
+                    "LyCORIS 'tlora' file, or an ordinary LoRA.")),
+                io.Float.Input("strength_model", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=(
+                    "Multiplies the T-LoRA's change to the model. 1.0 = as trained (the reference "
+                    "code adds the adapter with scale 1); 0 = the unchanged model; negative values "
+                    "subtract it.")),
+                io.Int.Input("min_rank", default=-1, min=-1, max=4096, tooltip=MIN_RANK_TOOLTIP),
+                io.Float.Input("schedule_power", default=0.0, min=0.0, max=10.0, step=0.05,
+                               tooltip=POWER_TOOLTIP),
+                io.Boolean.Input("schedule_ordinary_lora", default=False, tooltip=(
+                    "Only for ordinary (non-T-LoRA) LoRA files. On: re-factor the LoRA into "
+                    "orthogonal components sorted by importance and apply the rank schedule to "
+                    "them, as if it were a T-LoRA. Off: the LoRA is applied at full rank on every "
+                    "step, like the stock loader.")),
+            ],
+            outputs=[
+                io.Model.Output(tooltip=(
+                    "The model with the T-LoRA applied in every sampling step, each step and each "
+                    "sample using the ranks of its own noise level. Connect it to a sampler, or to "
+                    "another T-LoRA Loader to stack a second T-LoRA.")),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength_model: float, min_rank: int,
+                schedule_power: float, schedule_ordinary_lora: bool) -> io.NodeOutput:
+        weights = read_tlora(model, lora_name, min_rank, schedule_power, schedule_ordinary_lora)
+        patched = model.clone()
+        try:
+            install(patched, weights, strength_model)
+        except ValueError as err:
+            raise TLoRAFileError(f"{lora_name}: {err}") from err
+        return io.NodeOutput(patched)

@@ -1,0 +1,200 @@
+"""Checking the trainer's inputs before any GPU work, and turning them into training tensors.
+
+Every check raises ``ValueError`` with a message that says what is wrong and what to do: a latent
+from another model family (channel count), empty or mismatched conditioning, a rank that does not
+fit the adapted layers, a min_rank outside [1, rank], zero steps, a subject mask whose size is
+neither the image's nor the latent's. :func:`prepare_data` runs with inference mode off and clones
+every tensor it keeps, because tensors made by other nodes are inference tensors that autograd
+refuses to save.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import comfy.model_base
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+
+from ..tlora_core.adapter import VARIANTS
+from .targets import TrainTarget
+
+MAX_RANK = 512
+
+
+def architecture_of(model) -> str:
+    """``"sdxl"`` or ``"flux"`` for a ComfyUI BaseModel; ValueError naming the model otherwise."""
+    if isinstance(model, comfy.model_base.Flux):
+        return "flux"
+    if isinstance(model, comfy.model_base.SDXL):
+        return "sdxl"
+    raise ValueError(f"T-LoRA training supports SDXL and FLUX models; this MODEL is "
+                     f"{type(model).__name__}. Load an SDXL or FLUX checkpoint.")
+
+
+def _context_and_pooled_dims(model, architecture: str) -> tuple[int | None, int | None]:
+    config = model.model_config.unet_config
+    if architecture == "flux":
+        return config.get("context_in_dim"), config.get("vec_in_dim")
+    pooled = model.adm_channels - 6 * 256 if model.adm_channels else None
+    return config.get("context_dim"), pooled
+
+
+def latent_samples(latents: dict, model, architecture: str) -> torch.Tensor:
+    """The LATENT's ``samples`` (N, C, H, W), checked against the model family."""
+    if not isinstance(latents, dict) or not torch.is_tensor(latents.get("samples")):
+        raise ValueError("latents must be a LATENT (a VAE Encode output), got "
+                         f"{type(latents).__name__}")
+    samples = latents["samples"]
+    if samples.ndim != 4 or samples.shape[0] < 1 or min(samples.shape[2:]) < 1:
+        raise ValueError(f"the LATENT has shape {tuple(samples.shape)}; expected (images, channels, "
+                         "height, width) with at least one image")
+    channels = model.latent_format.latent_channels
+    if samples.shape[1] != channels:
+        other = {4: "SD/SDXL", 16: "FLUX/SD3"}.get(samples.shape[1], "another model")
+        raise ValueError(
+            f"the LATENT has {samples.shape[1]} channels (made by the VAE of {other}) but this "
+            f"{architecture.upper()} MODEL needs {channels}: encode the image with the VAE of the "
+            "model being trained.")
+    if not bool(torch.isfinite(samples).all()):
+        raise ValueError("the LATENT contains NaN or Inf values; re-encode the image")
+    return samples
+
+
+def check_conditioning(positive, model, architecture: str, images: int) -> None:
+    """One CONDITIONING entry for every image, or one per image, with the model's widths."""
+    if not isinstance(positive, list) or len(positive) == 0:
+        raise ValueError("the positive CONDITIONING is empty: connect a text encoder output "
+                         "(e.g. CLIP Text Encode with the prompt 'a photo of sks dog')")
+    if len(positive) not in (1, images):
+        raise ValueError(f"the CONDITIONING has {len(positive)} entries for {images} images: give one "
+                         "prompt for all images or exactly one per image (Conditioning Combine "
+                         "of per-image prompts, in image order)")
+    ctx_dim, pooled_dim = _context_and_pooled_dims(model, architecture)
+    for i, entry in enumerate(positive):
+        if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0]):
+            raise ValueError(f"CONDITIONING entry {i} is not a [tensor, options] pair")
+        ctx, extra = entry[0], entry[1]
+        if ctx.ndim != 3 or ctx.shape[1] == 0:
+            raise ValueError(f"CONDITIONING entry {i} has shape {tuple(ctx.shape)}: no text tokens. "
+                             "Encode a non-empty prompt.")
+        if ctx_dim is not None and ctx.shape[-1] != ctx_dim:
+            raise ValueError(f"the CONDITIONING has width {ctx.shape[-1]} but this {architecture.upper()} "
+                             f"model expects {ctx_dim}: encode the prompt with the CLIP of the same "
+                             "checkpoint as the MODEL.")
+        pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        if pooled is None:
+            raise ValueError(f"CONDITIONING entry {i} has no pooled output; {architecture.upper()} needs "
+                             "one: use the model's own CLIP Text Encode node.")
+        if pooled_dim is not None and pooled.shape[-1] != pooled_dim:
+            raise ValueError(f"the CONDITIONING's pooled output has width {pooled.shape[-1]}, this "
+                             f"model expects {pooled_dim}: encode with the model's own CLIP.")
+
+
+def check_rank(variant: str, rank: int, min_rank: int, targets: list[TrainTarget]) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+    if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank must be a whole number in [1, {MAX_RANK}], got {rank}")
+    narrowest = min(min(t.rows, t.in_features) for t in targets)
+    if rank > narrowest:
+        raise ValueError(f"rank {rank} is larger than the narrowest adapted layer ({narrowest} "
+                         f"features); use rank <= {narrowest}")
+    if variant in ("tlora", "vanilla") and not 1 <= min_rank <= rank:
+        raise ValueError(f"min_rank must be in [1, rank={rank}], got {min_rank} (the paper "
+                         f"recommends rank/2 = {max(1, rank // 2)})")
+
+
+def check_numbers(steps: int, batch_size: int, learning_rate: float, save_every: int,
+                  schedule_power: float) -> None:
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate}")
+    if int(save_every) != save_every or save_every < 0:
+        raise ValueError(f"save_every must be 0 (off) or a positive number of steps, got {save_every}")
+    if not (math.isfinite(schedule_power) and schedule_power > 0):
+        raise ValueError(f"schedule_power must be a positive number, got {schedule_power}")
+
+
+def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: int = 8) -> torch.Tensor | None:
+    """The subject MASK as per-image loss weights (N, 1, h, w) at latent size, or None.
+
+    The mask must have the image's size (latent size x ``downscale``) or the latent's size, and
+    one mask for all images or one per image. Resized by area averaging (soft edges stay soft).
+    """
+    if mask is None:
+        return None
+    n, _, h, w = samples.shape
+    m = mask if mask.ndim == 3 else mask.reshape(1, *mask.shape[-2:])
+    if m.ndim != 3:
+        raise ValueError(f"the mask has shape {tuple(mask.shape)}; expected (height, width) or "
+                         "(masks, height, width)")
+    size = tuple(m.shape[-2:])
+    if size not in ((h, w), (h * downscale, w * downscale)):
+        raise ValueError(f"the mask is {size[1]}x{size[0]} but the image is {w * downscale}x"
+                         f"{h * downscale} (latent {w}x{h}); use a mask of the training image's size")
+    if m.shape[0] not in (1, n):
+        raise ValueError(f"{m.shape[0]} masks for {n} images: give one mask for all or one per image")
+    m = m.detach().clone().float().clamp(0, 1)[:, None]
+    if size != (h, w):
+        m = torch.nn.functional.interpolate(m, size=(h, w), mode="area")
+    m = m.expand(n, -1, -1, -1).clone()
+    empty = [i for i in range(n) if float(m[i].sum()) <= 0]
+    if empty:
+        raise ValueError(f"the mask is empty for image(s) {empty}: mark the subject (white = train)")
+    return m
+
+
+@dataclass
+class TrainingData:
+    """Everything the loop draws from, as ordinary (non-inference) tensors."""
+
+    latents: torch.Tensor                  # (N, C, H, W) float32, model space (process_latent_in)
+    conds: list[dict]                      # per image: {apply_model kwarg: CONDRegular, batch 1}
+    weights: torch.Tensor | None           # (N, 1, H, W) loss weights or None
+
+    @property
+    def images(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, indices: list[int], device: torch.device) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        x0 = self.latents[indices].to(device)
+        try:
+            conds = comfy.samplers.cond_cat([self.conds[i] for i in indices])
+        except RuntimeError as err:
+            raise ValueError("the images' prompts have different token lengths and cannot share a "
+                             "batch; use batch_size 1 or prompts of equal length") from err
+        conds = {k: v.to(device) if torch.is_tensor(v) else v for k, v in conds.items()}
+        weights = None if self.weights is None else self.weights[indices].to(device)
+        return x0, conds, weights
+
+
+def prepare_data(model, architecture: str, samples: torch.Tensor, positive: list,
+                 weights: torch.Tensor | None, device: torch.device) -> TrainingData:
+    """Latents in model space and each image's encoded conditioning (ComfyUI's ``extra_conds``).
+
+    FLUX trains at guidance 1.0, as the reference code (the distilled guidance is for sampling).
+    """
+    latents = model.process_latent_in(samples.detach().clone().float())
+    conds = []
+    for i in range(latents.shape[0]):
+        ctx, extra = positive[i if len(positive) > 1 else 0][:2]
+        extra = dict(extra)
+        if architecture == "flux":
+            extra["guidance"] = 1.0
+        entry = comfy.sampler_helpers.convert_cond([[ctx.detach().clone(), _clone_tensors(extra)]])
+        x = latents[i:i + 1]
+        encoded = comfy.samplers.encode_model_conds(model.extra_conds, entry, x, device, "positive",
+                                                    latent_image=x)
+        conds.append({k: v.process_cond(batch_size=1, area=None)
+                      for k, v in encoded[0]["model_conds"].items()})
+    return TrainingData(latents, conds, None if weights is None else weights.detach().clone())
+
+
+def _clone_tensors(d: dict) -> dict:
+    return {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in d.items()}

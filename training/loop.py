@@ -1,0 +1,203 @@
+"""The T-LoRA training loop on a ComfyUI MODEL (paper Sec. 3, reference-code defaults).
+
+One step: pick ``batch_size`` images, draw a noise level and noise per sample, set each sample's
+rank mask from its own timestep, predict in the model's native space (see :mod:`.objective`), take
+the (optionally subject-masked) MSE, backprop into the adapters only, clip the gradient norm and
+take an AdamW step. The random draws of step k come from a generator seeded by (seed, k) alone, so
+a run is reproducible and a resumed run continues exactly as an uninterrupted one.
+
+Cancel (``comfy.model_management.interrupt_current_processing``) is checked before every step and
+inside every ComfyUI layer; a NaN / Inf loss stops the run with an error. Either way the hooks are
+removed and the model is restored before the exception leaves :func:`train`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import comfy.model_management
+import torch
+
+from ..tlora_core.adapter import RankSchedule
+from ..tlora_core.weights import TLoRAWeights
+from . import state as state_io
+from .inputs import TrainingData, architecture_of
+from .modules import MASKED_VARIANTS, AdapterSet, StepMasks
+from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
+from .prepare import needs_checkpointing, trainable_model
+from .targets import find_targets
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; each is written to the file's ``tlora.training`` metadata."""
+
+    variant: str = "tlora"          # tlora | vanilla | ortho | lora (tlora_core.adapter.VARIANTS)
+    rank: int = 64
+    min_rank: int = 32              # used by the masked variants (tlora, vanilla)
+    schedule_power: float = 1.0
+    steps: int = 800
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = 1
+    seed: int = 0
+    scope: str = "attention"        # training.targets.SCOPES
+    compute_dtype: str = "auto"     # COMPUTE_DTYPES
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0      # 0 = no clipping
+    ortho_mode: str = "fast"        # tlora_core.init.ortho_init mode
+    save_every: int = 0
+
+    def schedule(self) -> RankSchedule | None:
+        if self.variant not in MASKED_VARIANTS:
+            return None
+        return RankSchedule(self.rank, self.min_rank, self.schedule_power)
+
+    def as_json(self, **extra) -> str:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        if self.variant not in MASKED_VARIANTS:
+            d.pop("min_rank")
+            d.pop("schedule_power")
+        d.update(extra)
+        d["optimizer"] = "AdamW"
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class TrainResult:
+    weights: TLoRAWeights
+    losses: list[float]
+    step: int
+    state: state_io.TrainingState | None = field(default=None, repr=False)
+
+
+StepCallback = Callable[[int, int, float, list[float]], None]
+"""``on_step(step, total, loss, losses)`` after every optimizer step."""
+SaveCallback = Callable[[int, "TLoRAWeights", "state_io.TrainingState"], None]
+"""``on_save(step, weights, state)`` every ``save_every`` steps (not at the last step)."""
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The CPU generator of step ``step``: a function of (seed, step) only (see module docstring)."""
+    mixed = (int(seed) * 6364136223846793005 + (int(step) + 1) * 1442695040888963407) % (1 << 64)
+    return torch.Generator().manual_seed(mixed)
+
+
+def sample_indices(images: int, batch: int, step: int, seed: int) -> list[int]:
+    """Images of step ``step``: consecutive slices of per-epoch shuffles, so every image is seen
+    equally often (one image: always image 0, twice in a batch of 2 with different noise)."""
+    out = []
+    for j in range(batch):
+        n = step * batch + j
+        epoch, pos = divmod(n, images)
+        perm = torch.randperm(images, generator=torch.Generator().manual_seed(int(seed) * 7919 + epoch))
+        out.append(int(perm[pos]))
+    return out
+
+
+def _identity(config: TrainConfig, architecture: str) -> dict:
+    return {"architecture": architecture, "variant": config.variant, "rank": config.rank,
+            "scope": config.scope}
+
+
+def build_weights(adapters: AdapterSet, config: TrainConfig, architecture: str) -> TLoRAWeights:
+    schedule = config.schedule()
+    return TLoRAWeights(adapters.export(schedule), architecture, config.variant, schedule, "tlora",
+                        metadata={"tlora.training": config.as_json()})
+
+
+def _optimizer(adapters: AdapterSet, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, betas=tuple(config.betas),
+                             weight_decay=config.weight_decay)
+
+
+def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: NativePredictor,
+                masks: StepMasks, adapters: AdapterSet, optimizer, device) -> float:
+    model = predictor.patcher.model
+    ms = model.model_sampling
+    gen = step_generator(config.seed, step)
+    indices = sample_indices(data.images, config.batch_size, step, config.seed)
+    x0, conds, weights = data.batch(indices, device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    sigma, t_schedule = draw_noise_levels(ms, len(indices), gen)
+    sigma = sigma.to(device)
+    x_t, target = noisy_input_and_target(ms, x0, noise, sigma)
+    masks.set(t_schedule.to(device))
+    try:
+        pred = predictor(x_t, sigma, conds)
+        loss = weighted_mse(pred, target, weights)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the loss became {value} at step {step + 1}; nothing was saved from this run. "
+                "Lower the learning rate, train in fp32/bf16 instead of fp16, or check the inputs.")
+        loss.backward()
+    finally:
+        masks.clear()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(adapters.parameters(), config.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.TrainingState | None = None,
+          on_step: StepCallback | None = None, on_save: SaveCallback | None = None) -> TrainResult:
+    """Train a T-LoRA on ``patcher``'s model (never modified) and return the exported weights.
+
+    ``data`` comes from :func:`training.inputs.prepare_data`; ``resume`` from
+    :func:`training.state.load_state` (already checked with :func:`state.check_compatible`).
+    """
+    architecture = architecture_of(patcher.model)
+    dm = patcher.model.diffusion_model
+    checkpointing = config.gradient_checkpointing or needs_checkpointing(dm)
+    if checkpointing and not config.gradient_checkpointing:
+        log.info("T-LoRA Train: gradient checkpointing forced on (FLUX blocks update in place)")
+    with torch.inference_mode(False), torch.enable_grad(), trainable_model(
+            patcher, gradient_checkpointing=checkpointing,
+            compute_dtype=COMPUTE_DTYPES[config.compute_dtype]) as tp:
+        device = tp.load_device
+        adapters = AdapterSet(find_targets(tp.model.diffusion_model, architecture, config.scope),
+                              config.variant, config.rank, config.seed, config.ortho_mode).to(device)
+        optimizer = _optimizer(adapters, config)
+        losses: list[float] = []
+        start = 0
+        if resume is not None:
+            state_io.restore(resume, adapters, optimizer)
+            start, losses = resume.step, list(resume.losses)
+        masks = StepMasks(config.schedule(), device)
+        predictor = NativePredictor(tp)
+        identity = _identity(config, architecture)
+        adapters.attach(tp.model.diffusion_model, masks)
+        try:
+            for step in range(start, config.steps):
+                comfy.model_management.throw_exception_if_processing_interrupted()
+                loss = _train_step(step, config, data, predictor, masks, adapters, optimizer, device)
+                losses.append(loss)
+                done = step + 1
+                if on_step is not None:
+                    on_step(done, config.steps, loss, losses)
+                if on_save is not None and config.save_every and done % config.save_every == 0 \
+                        and done < config.steps:
+                    on_save(done, build_weights(adapters, config, architecture),
+                            state_io.capture(done, losses, identity, adapters, optimizer))
+            weights = build_weights(adapters, config, architecture)
+            final_state = state_io.capture(config.steps, losses, identity, adapters, optimizer)
+        finally:
+            adapters.detach()
+            optimizer.zero_grad(set_to_none=True)
+    return TrainResult(weights, losses, config.steps, final_state)

@@ -1,0 +1,121 @@
+"""The training objective, in the model's native prediction space, through ComfyUI's model_sampling.
+
+Per sample: draw a noise level, noise the latent with ``model_sampling.noise_scaling`` and regress
+the model's raw output on its native target with MSE (the paper's objective; ComfyUI's own trainer
+instead compares denoised latents, which weights an eps model's error by sigma^2):
+
+- discrete eps models (SDXL): ``t ~ U{0..999}``, ``sigma = sigmas[t]``, ``x_t = x0 + sigma * eps``
+  (ComfyUI's EPS form of DDPM's ``sqrt(a) x0 + sqrt(1-a) eps``), target ``eps``; the rank schedule
+  sees ``t`` itself, as the reference SDXL code.
+- flow models (FLUX): ``sigma ~ U(0, 1)`` unshifted (the reference code), ``x_t = (1 - sigma) x0 +
+  sigma * eps``, target the velocity ``eps - x0``; the schedule sees ``t = 1000 * sigma``.
+
+The schedule timesteps equal what :func:`nodes.patch.schedule_timesteps` derives from sigma when
+sampling, so a trained adapter sees the same masks at inference as in training.
+
+The raw output is captured by an outermost ``DIFFUSION_MODEL`` wrapper while the model is called
+through ``BaseModel.apply_model`` with the patcher's transformer options and wrappers, so every
+conditioning conversion and patch ComfyUI applies when sampling also applies when training.
+"""
+
+from __future__ import annotations
+
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.patcher_extension
+import torch
+
+CAPTURE_KEY = "tlora_train_capture"
+FLOW_T = 1000.0
+
+
+def objective_kind(model_sampling) -> str:
+    """``"eps"`` (discrete SD/SDXL) or ``"flow"`` (FLUX); ValueError for anything else."""
+    if isinstance(model_sampling, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and type(
+            model_sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised:
+        return "eps"
+    raise ValueError("T-LoRA training supports epsilon-prediction models with discrete timesteps "
+                     "(SDXL) and flow models (FLUX); this model uses "
+                     f"{type(model_sampling).__mro__[1].__name__} sampling. Remove any node that "
+                     "changes the model's sampling (ModelSampling*) before training.")
+
+
+def draw_noise_levels(model_sampling, batch: int, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (B,) float32, schedule timestep (B,) float64), drawn on the CPU from ``generator``."""
+    if objective_kind(model_sampling) == "flow":
+        sigma = torch.rand(batch, generator=generator, dtype=torch.float64)
+        return sigma.float(), sigma * FLOW_T
+    n = int(model_sampling.sigmas.shape[0])
+    t = torch.randint(0, n, (batch,), generator=generator)
+    return model_sampling.sigmas.detach().cpu()[t].float(), t.to(torch.float64)
+
+
+def noisy_input_and_target(model_sampling, x0: torch.Tensor, noise: torch.Tensor,
+                           sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_t`` (ComfyUI's ``noise_scaling``) and the native-space regression target."""
+    x_t = model_sampling.noise_scaling(sigma, noise, x0, max_denoise=False)
+    target = noise - x0 if objective_kind(model_sampling) == "flow" else noise
+    return x_t, target
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the batch of each sample's MSE; with ``weight`` (B, 1, H, W) the MSE inside the
+    weighted region (sum w e^2 / (C sum w)), i.e. the subject mask's area only."""
+    err = (pred.float() - target.float()).square()
+    if weight is None:
+        return err.mean(dim=tuple(range(1, err.ndim))).mean()
+    w = weight.to(err.dtype)
+    per_sample = (err * w).sum(dim=tuple(range(1, err.ndim)))
+    area = w.sum(dim=tuple(range(1, w.ndim))) * err.shape[1]
+    return (per_sample / area).mean()
+
+
+class NativePredictor:
+    """``predict(x_t, sigma, conds)`` -> the diffusion model's raw output (eps / velocity)."""
+
+    def __init__(self, patcher) -> None:
+        self.patcher = patcher
+        self._captured: torch.Tensor | None = None
+
+    def _capture(self, executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        self._captured = out
+        return out
+
+    def transformer_options(self, sigma: torch.Tensor) -> dict:
+        options = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
+        to = options["transformer_options"]
+        comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), self.patcher.wrappers,
+                                                   copy_dict1=False)
+        comfy.patcher_extension.merge_nested_dicts(to.setdefault("callbacks", {}), self.patcher.callbacks,
+                                                   copy_dict1=False)
+        # Outermost DIFFUSION_MODEL wrapper (wrappers run in insertion order, first = outermost).
+        wrappers = to["wrappers"]
+        inner = wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
+        wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL] = {CAPTURE_KEY: [self._capture], **inner}
+        to["sigmas"] = sigma
+        to["cond_or_uncond"] = [0] * int(sigma.shape[0])
+        return to
+
+    def __call__(self, x_t: torch.Tensor, sigma: torch.Tensor, conds: dict) -> torch.Tensor:
+        model = self.patcher.model
+        kwargs = dict(conds)
+        kwargs["transformer_options"] = self.transformer_options(sigma)
+        self._captured = None
+        wrapper = self.patcher.model_options.get("model_function_wrapper")
+        try:
+            if wrapper is not None:
+                wrapper(model.apply_model, {"input": x_t, "timestep": sigma, "c": kwargs,
+                                            "cond_or_uncond": kwargs["transformer_options"]["cond_or_uncond"]})
+            else:
+                model.apply_model(x_t, sigma, **kwargs)
+            if self._captured is None:
+                raise RuntimeError("the diffusion model was not called (a patch on this MODEL skips it); "
+                                   "remove caching / skipping patches before training")
+            return self._captured
+        finally:
+            self._captured = None

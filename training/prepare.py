@@ -1,0 +1,192 @@
+"""Making a ComfyUI MODEL trainable in-process, and putting everything back afterwards.
+
+ComfyUI 0.3.75 runs nodes under ``torch.inference_mode()``, so a MODEL loaded by a node has
+*inference tensors* as parameters and backward through them fails ("Inference tensors cannot be
+saved for backward"). :func:`trainable_model` works around that without changing the MODEL:
+
+- it trains on a ``clone()`` of the ModelPatcher (the caller's patcher gets no new patch), loaded
+  through ComfyUI's own ``load_models_gpu`` so LoRAs merged upstream are part of the base;
+- comfy-op layers (Linear, Conv, norms) whose weight / bias is an inference tensor get an identity
+  ``weight_function`` / ``bias_function``: ComfyUI then casts a fresh, ordinary copy per forward;
+- other inference parameters (FLUX's QK-norm scales) are swapped for ordinary clones;
+- every base parameter gets ``requires_grad = False`` (ComfyUI creates them with True, which would
+  send gradients into the base weights);
+- optionally each block is wrapped in non-reentrant gradient checkpointing (SDXL ResBlocks and
+  transformer blocks, FLUX double / single blocks). FLUX needs it: its blocks update ``img`` /
+  ``txt`` / ``x`` in place (``+=``), which breaks autograd unless the block's inputs are cloned and
+  its activations recomputed.
+
+Everything is undone in ``finally``, in reverse order, whatever happens inside (Cancel, NaN, OOM):
+the base weights are never written, only swapped objects are put back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+
+import comfy.model_management
+import torch
+import torch.utils.checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _is_comfy_op(module: torch.nn.Module) -> bool:
+    return hasattr(module, "weight_function") and hasattr(module, "bias_function")
+
+
+def _checkpoint_classes() -> tuple[type, ...]:
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+
+    return ResBlock, BasicTransformerBlock, DoubleStreamBlock, SingleStreamBlock
+
+
+def _clone_floats(value):
+    return value.clone() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        def block(*a, **k):
+            # Cloned inside the checkpoint: the block's in-place updates then touch a copy, never
+            # the saved input that backward replays the block from.
+            return forward(*[_clone_floats(v) for v in a], **{n: _clone_floats(v) for n, v in k.items()})
+
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def needs_checkpointing(diffusion_model: torch.nn.Module) -> bool:
+    """True for models whose backward only works with checkpointing (FLUX's in-place blocks)."""
+    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
+
+    return any(isinstance(m, (DoubleStreamBlock, SingleStreamBlock)) for m in diffusion_model.modules())
+
+
+class _Restorer:
+    """Records each change as an undo action; ``undo`` runs them newest first and never stops early."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def push(self, action: Callable[[], None]) -> None:
+        self._undo.append(action)
+
+    def undo(self) -> None:
+        errors = []
+        while self._undo:
+            action = self._undo.pop()
+            try:
+                action()
+            except Exception as err:  # keep restoring the rest; report after
+                errors.append(err)
+        if errors:
+            raise RuntimeError(f"T-LoRA training could not restore the model: {errors[0]}") from errors[0]
+
+
+def _freeze_parameters(dm: torch.nn.Module, undo: _Restorer) -> None:
+    flags = [(p, p.requires_grad) for p in dm.parameters()]
+
+    def restore() -> None:
+        for p, flag in flags:
+            if p.requires_grad != flag:
+                # requires_grad=True on an inference tensor may only be set in inference mode.
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
+
+    undo.push(restore)
+    for p, _ in flags:
+        p.requires_grad_(False)
+
+
+def _make_backward_safe(dm: torch.nn.Module, undo: _Restorer) -> tuple[int, int]:
+    """Identity wrappers on comfy ops' inference weight / bias; clones of other inference params
+    (small: norm scales, fp8 scales)."""
+    wrapped = cloned = 0
+    for module in dm.modules():
+        wrappable = ()
+        if _is_comfy_op(module):
+            wrappable = ("weight", "bias")
+            for attr, fn_attr in (("weight", "weight_function"), ("bias", "bias_function")):
+                tensor = getattr(module, attr, None)
+                if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+                    had_own = fn_attr in module.__dict__
+                    old = getattr(module, fn_attr)
+                    setattr(module, fn_attr, list(old) + [_identity])
+                    undo.push(_restore_attr(module, fn_attr, old, had_own))
+                    wrapped += 1
+        for name, param in list(module._parameters.items()):
+            if name not in wrappable and param is not None and param.is_inference():
+                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                undo.push(_restore_param(module, name, param))
+                cloned += 1
+    return wrapped, cloned
+
+
+def _restore_attr(module: torch.nn.Module, attr: str, old, had_own: bool) -> Callable[[], None]:
+    def restore() -> None:
+        if had_own:
+            setattr(module, attr, old)
+        else:
+            module.__dict__.pop(attr, None)
+    return restore
+
+
+def _restore_param(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> Callable[[], None]:
+    def restore() -> None:
+        module._parameters[name] = param
+    return restore
+
+
+def _install_checkpointing(dm: torch.nn.Module, undo: _Restorer) -> int:
+    classes = _checkpoint_classes()
+    count = 0
+    for module in dm.modules():
+        if isinstance(module, classes):
+            had_own = "forward" in module.__dict__
+            old = module.__dict__.get("forward")
+            module.forward = _checkpointed(module.forward)
+            undo.push(_restore_attr(module, "forward", old, had_own))
+            count += 1
+    return count
+
+
+@contextmanager
+def trainable_model(patcher, *, gradient_checkpointing: bool,
+                    compute_dtype: torch.dtype | None = None) -> Iterator:
+    """Yield a loaded clone of ``patcher`` whose diffusion model can be backpropagated through.
+
+    Must be entered with inference mode off and grad on (the caller's training context). The
+    clone is what the caller attaches training hooks to; ``patcher`` itself is never modified.
+    ``compute_dtype``: run the base in this dtype (ComfyUI casts weights per layer), None = as is.
+    """
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        raise RuntimeError("trainable_model needs torch.inference_mode(False) and torch.enable_grad()")
+    train_patcher = patcher.clone()
+    if compute_dtype is not None:
+        train_patcher.set_model_compute_dtype(compute_dtype)
+    comfy.model_management.load_models_gpu([train_patcher], force_full_load=True)
+    train_patcher.pre_run()
+    dm = train_patcher.model.diffusion_model
+    undo = _Restorer()
+    with ExitStack() as stack:
+        if compute_dtype is not None:
+            # The compute dtype is an object patch on the shared BaseModel: take it off again
+            # (weights stay loaded; ComfyUI's next load of any clone re-checks everything).
+            stack.callback(train_patcher.unpatch_model, unpatch_weights=False)
+        stack.callback(undo.undo)
+        _freeze_parameters(dm, undo)
+        wrapped, cloned = _make_backward_safe(dm, undo)
+        blocks = _install_checkpointing(dm, undo) if gradient_checkpointing else 0
+        log.debug("trainable model: %d inference weights wrapped, %d params cloned, %d blocks "
+                  "checkpointed", wrapped, cloned, blocks)
+        yield train_patcher
