@@ -1,0 +1,390 @@
+#!/usr/bin/env python
+"""Generate the example workflows in ``workflows/`` from the node schemas.
+
+Run after changing a node's inputs:  .runtime/venv/bin/python scripts/make_workflows.py
+(``--check`` only reports whether the committed files are up to date). The schemas come from the
+real ComfyUI runtime in-process (built-in nodes + this pack), nothing is read from the network, and
+every default not stated here is the node's own, so the files cannot drift from the nodes.
+Settings follow the paper and the reference code (see README "Recommended settings").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "tests"))
+
+from workflow_graph import Graph, Node  # noqa: E402
+
+import comfy_runtime  # noqa: E402
+
+WORKFLOWS_DIR = REPO / "workflows"
+log = logging.getLogger("make_workflows")
+
+TOKEN = "sks dog"  # the reference template "a photo of {token} {class}"
+TRAIN_PROMPT = f"a photo of {TOKEN}"
+CONCEPT_IMAGE = "sks_dog.png"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_UNET, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors",
+                                             "t5xxl_fp16.safetensors", "ae.safetensors")
+SDXL_LORA, FLUX_LORA = "tlora/sks_dog_sdxl", "tlora/sks_dog_flux"
+NO_PREVIEW_FILE = "(none: use rank below)"
+
+# Paper Appendix A (live_set), with V* = the token.
+PROMPTS = {
+    "sdxl_train": ["a {} in a purple wizard outfit", "a {} with the Eiffel Tower in the background",
+                   "a {} riding a bike", "a {} wearing a pirate hat exploring a sandy beach at the "
+                   "sunset with a boat floating in the background"],
+    "sdxl_generate": ["a {} dressed as a ballerina", "a {} on top of green grass with sunflowers around it",
+                      "a {} skateboarding", "a {} dressed in a superhero cape, soaring through the "
+                      "skies above a bustling city during a sunset"],
+    "flux_train": ["a {} in a doctor outfit", "a {} with a mountain in the background", "a {} swimming",
+                   "a {} wearing a tuxedo performing on a stage in the spotlight"],
+    "flux_generate": ["a {} wearing a green bow tie", "a {} with a tree and autumn leaves in the background",
+                      "a {} sleeping", "a {} wearing a space helmet, among stars in a cosmic landscape "
+                      "during a starry night"],
+    "compare": ["a {} with a sunset and palm trees in the background", "a {} lying in the bed",
+                "a {} in a wizards robe in a magical forest at midnight, accented with purples and "
+                "sparkling silver tones"],
+}
+
+# SDXL: T-LoRA (Ortho init + mask), rank 64, min_rank 32 (50%), 800 AdamW steps at 1e-4 (paper
+# Appendix B); inference 25 steps, CFG 5, zero negative (the reference inference script).
+SDXL_TRAIN = {"variant": "T-LoRA", "rank": 64, "min_rank": 32, "schedule_power": 1.0, "steps": 800,
+              "learning_rate": 1e-4, "batch_size": 1, "seed": 0, "target_layers": "attention",
+              "training_dtype": "bf16", "gradient_checkpointing": True, "save_every": 200}
+SDXL_SAMPLE = {"steps": 25, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
+# FLUX.1-dev: Vanilla T-LoRA (the reference trains FLUX only so), rank 32, min_rank 16 (the
+# paper's 50%; the reference script uses 1), guidance 1 in training; inference 28 steps,
+# guidance 3.5, CFG 1.
+FLUX_TRAIN = {"variant": "Vanilla T-LoRA", "rank": 32, "min_rank": 16, "schedule_power": 1.0,
+              "steps": 1000, "learning_rate": 1e-4, "batch_size": 1, "seed": 0,
+              "target_layers": "attention", "training_dtype": "bf16", "gradient_checkpointing": True,
+              "save_every": 200}
+FLUX_SAMPLE = {"steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+
+NOTE_TRAIN = """## T-LoRA: train on one image, then generate
+
+1. **Load Image**: upload one photo of your subject (`{image}` is a placeholder). It is centre-cropped to 1024 x 1024.
+2. **Training prompt**: `{train_prompt}`: a rare token plus the class. Use the same token in the prompts on the right.
+3. **T-LoRA Train** uses the paper's settings: {summary}. It saves `{lora}.safetensors` in your `loras` folder (and every 200 steps) and outputs the model with it applied.
+4. The samplers on the right use that model with prompts from the paper's evaluation set.
+
+To reuse the file later, open the matching *generate* workflow. Lower `steps` for a quick try."""
+
+NOTE_GENERATE = """## Generate with a saved T-LoRA
+
+**T-LoRA Loader** applies the file with its per-step rank mask: few ranks at high noise (less copying of the training photo's pose and background), all ranks at the end (detail). The stock *Load LoRA* node would apply it at full rank on every step.
+
+- `lora_name`: the file *T-LoRA Train* saved (here `{lora}.safetensors`), a reference-code file or a LyCORIS T-LoRA.
+- `min_rank` -1 / `schedule_power` 0 read the values stored in the file.
+- **T-LoRA Schedule Preview** draws the active rank at each of the sampler's steps."""
+
+NOTE_COMPARE = """## Plain LoRA vs T-LoRA on the same image
+
+Both trainers see the same latents, prompt and seed; only the method differs: **LoRA** (500 steps, the paper's baseline) and **T-LoRA** (Ortho init + timestep rank mask, 800 steps, min_rank = rank / 2).
+
+Each row of the saved grid is one prompt with the same sampler seed: left LoRA, right T-LoRA. T-LoRA should follow the prompt's background and pose more often, where LoRA tends to repeat the training photo."""
+
+
+def object_info() -> dict[str, dict]:
+    """What the server's /object_info returns, computed in-process (no network)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ComfyUI reports optional built-in nodes it cannot import
+    try:
+        comfy_runtime.init_nodes()
+    finally:
+        root.setLevel(level)
+    import nodes
+
+    out = {}
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        if hasattr(cls, "GET_NODE_INFO_V1"):
+            out[name] = cls.GET_NODE_INFO_V1()
+            continue
+        types = cls.INPUT_TYPES()
+        out[name] = {"input": types, "input_order": {key: list(value) for key, value in types.items()},
+                     "output": list(cls.RETURN_TYPES),
+                     "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)}
+    return out
+
+
+def _prompts(key: str) -> list[str]:
+    return [template.format(TOKEN) for template in PROMPTS[key]]
+
+
+# Column x positions; every block below is placed on this grid so nothing overlaps.
+COL_A, COL_B, COL_C, COL_D, COL_E = 0, 380, 760, 1200, 1660
+ROW = 300  # vertical pitch of one prompt row (a KSampler is 264 high)
+
+
+def _concept_latent(g: Graph, vae: tuple[Node, str | int], image_pos: tuple[float, float],
+                    scale_pos: tuple[float, float]) -> Node:
+    """LoadImage -> centre crop to 1024 -> VAEEncode; returns the VAEEncode node."""
+    image = g.node("LoadImage", image_pos, {"image": CONCEPT_IMAGE}, title="Concept image (one photo)")
+    image.height = 320
+    scale = g.node("ImageScale", scale_pos, {"upscale_method": "lanczos", "width": 1024, "height": 1024,
+                                             "crop": "center"}, title="Centre crop 1024")
+    encode = g.node("VAEEncode", (scale_pos[0], scale_pos[1] + 190), width=220)
+    g.link(image, "IMAGE", scale, "image")
+    g.link(scale, "IMAGE", encode, "pixels")
+    g.link(vae[0], vae[1], encode, "vae")
+    return encode
+
+
+def _negative_and_latent(g: Graph, clip, x: float, y: float, flux: bool) -> tuple[Node, Node]:
+    """The reference samples with an all-zero negative (diffusers' SDXL default) at 1024 x 1024."""
+    source = g.node("CLIPTextEncode", (x, y), {"text": ""}, title="Empty prompt", width=300)
+    g.link(clip[0], clip[1], source, "clip")
+    negative = g.node("ConditioningZeroOut", (x, y + 200), width=300)
+    g.link(source, "CONDITIONING", negative, "conditioning")
+    latent = g.node("EmptySD3LatentImage" if flux else "EmptyLatentImage", (x, y + 290),
+                    {"width": 1024, "height": 1024, "batch_size": 1}, width=300)
+    return negative, latent
+
+
+def _sampler(g: Graph, model, positive: Node, negative: Node, latent: Node, vae, sample: dict, seed: int,
+             pos: tuple[float, float], decode_pos: tuple[float, float], title: str) -> Node:
+    sampler = g.node("KSampler", pos, {"seed": seed, **sample}, title=title, width=270)
+    g.link(model[0], model[1], sampler, "model")
+    g.link(positive, "CONDITIONING", sampler, "positive")
+    g.link(negative, "CONDITIONING", sampler, "negative")
+    g.link(latent, "LATENT", sampler, "latent_image")
+    decode = g.node("VAEDecode", decode_pos, width=200)
+    g.link(sampler, "LATENT", decode, "samples")
+    g.link(vae[0], vae[1], decode, "vae")
+    return decode
+
+
+def _prompt(g: Graph, clip, text: str, pos: tuple[float, float], title: str, flux: bool,
+            guidance: float = 3.5) -> Node:
+    encode = g.node("CLIPTextEncode", pos, {"text": text}, title=title, width=300)
+    g.link(clip[0], clip[1], encode, "clip")
+    if not flux:
+        return encode
+    guided = g.node("FluxGuidance", (pos[0], pos[1] + 180), {"guidance": guidance}, width=300)
+    guided.height = 60
+    encode.height = 150
+    g.link(encode, "CONDITIONING", guided, "conditioning")
+    return guided
+
+
+def _sample_column(g: Graph, model, clip, vae, prompts: list[str], sample: dict, x: float, y: float,
+                   flux: bool, filename_prefix: str) -> None:
+    """One prompt -> sampler -> decode row per prompt, all images batched into one SaveImage."""
+    negative, latent = _negative_and_latent(g, clip, x, y, flux)
+    pitch = ROW + (50 if flux else 0)
+    decoded = []
+    for row, text in enumerate(prompts):
+        top = y + 460 + row * pitch
+        positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux)
+        decoded.append(_sampler(g, model, positive, negative, latent, vae, sample, 0, (x + 340, top),
+                                (x + 650, top), f"Sample {row + 1}"))
+    batch = decoded[0]
+    for index, decode in enumerate(decoded[1:], start=1):
+        joined = g.node("ImageBatch", (x + 890, y + 460 + index * pitch - 60), width=200)
+        g.link(batch, "IMAGE", joined, "image1")
+        g.link(decode, "IMAGE", joined, "image2")
+        batch = joined
+    save = g.node("SaveImage", (x + 1130, y + 460), {"filename_prefix": filename_prefix}, width=520)
+    save.height = 560
+    g.link(batch, "IMAGE", save, "images")
+
+
+def _sdxl_loaders(g: Graph) -> tuple[tuple, tuple, tuple]:
+    ckpt = g.node("CheckpointLoaderSimple", (COL_A, 340), {"ckpt_name": SDXL_CHECKPOINT}, width=340)
+    return (ckpt, "MODEL"), (ckpt, "CLIP"), (ckpt, "VAE")
+
+
+def _flux_loaders(g: Graph) -> tuple[tuple, tuple, tuple]:
+    unet = g.node("UNETLoader", (COL_A, 340), {"unet_name": FLUX_UNET, "weight_dtype": "default"}, width=340)
+    clip = g.node("DualCLIPLoader", (COL_A, 480), {"clip_name1": FLUX_CLIP_L, "clip_name2": FLUX_T5,
+                                                    "type": "flux"}, width=340)
+    vae = g.node("VAELoader", (COL_A, 670), {"vae_name": FLUX_VAE}, width=340)
+    return (unet, "MODEL"), (clip, "CLIP"), (vae, "VAE")
+
+
+def _training_inputs(g: Graph, clip, vae, flux: bool) -> tuple[Node, Node]:
+    """Training prompt (FLUX: with guidance 1, as the reference trains) and the concept latent."""
+    prompt = g.node("CLIPTextEncode", (COL_B, 340), {"text": TRAIN_PROMPT}, title="Training prompt", width=340)
+    g.link(clip[0], clip[1], prompt, "clip")
+    positive, below = prompt, 540
+    if flux:
+        positive = g.node("FluxGuidance", (COL_B, 540), {"guidance": 1.0}, title="Training guidance",
+                          width=320)
+        g.link(prompt, "CONDITIONING", positive, "conditioning")
+        below = 660
+    image_y = 790 if flux else 500
+    latent = _concept_latent(g, vae, (COL_A, image_y), (COL_B, below))
+    return positive, latent
+
+
+def _trainer(g: Graph, model, latent: Node, positive: Node, settings: dict, file_name: str,
+             pos: tuple[float, float], title: str) -> Node:
+    train = g.node("TLoRATrain", pos, {**settings, "file_name": file_name}, title=title, width=400)
+    g.link(model[0], model[1], train, "model")
+    g.link(latent, "LATENT", train, "latents")
+    g.link(positive, "CONDITIONING", train, "positive")
+    return train
+
+
+def _train_outputs(g: Graph, train: Node, x: float, y: float, label: str = "Loss curve") -> None:
+    loss = g.node("PreviewImage", (x, y), title=label, width=380)
+    loss.height = 300
+    g.link(train, "loss_curve", loss, "images")
+    saved = g.node("PreviewAny", (x, y + 330), title="Saved as", width=380)
+    saved.height = 100
+    g.link(train, "file_name", saved, "source")
+
+
+def _summary(settings: dict) -> str:
+    return (f"{settings['variant']}, rank {settings['rank']}, min_rank {settings['min_rank']}, "
+            f"{settings['steps']} steps, learning rate {settings['learning_rate']:g}")
+
+
+def _schedule_preview(g: Graph, model, sample: dict, pos: tuple[float, float],
+                      image_pos: tuple[float, float], lora_name: str | None, rank: int, min_rank: int) -> None:
+    values = {"steps": sample["steps"], "scheduler": sample["scheduler"], "denoise": sample["denoise"],
+              "lora_name": lora_name or NO_PREVIEW_FILE, "rank": rank, "min_rank": min_rank}
+    preview = g.node("TLoRASchedulePreview", pos, values, width=360)
+    g.link(model[0], model[1], preview, "model")
+    shown = g.node("PreviewImage", image_pos, title="Active rank per step", width=420)
+    shown.height = 260
+    g.link(preview, "IMAGE", shown, "images")
+
+
+def _train_and_generate(info: dict, flux: bool) -> dict:
+    settings, sample, lora = (FLUX_TRAIN, FLUX_SAMPLE, FLUX_LORA) if flux else (SDXL_TRAIN, SDXL_SAMPLE, SDXL_LORA)
+    g = Graph(info)
+    g.note(NOTE_TRAIN.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(settings),
+                             lora=lora), (COL_A, 0), width=720, height=300)
+    model, clip, vae = _flux_loaders(g) if flux else _sdxl_loaders(g)
+    positive, latent = _training_inputs(g, clip, vae, flux)
+    train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
+    _train_outputs(g, train, COL_D, 0)
+    _schedule_preview(g, model, sample, (COL_C, 500), (COL_D, 470), None, settings["rank"], settings["min_rank"])
+    family = "flux" if flux else "sdxl"
+    _sample_column(g, (train, "model"), clip, vae, _prompts(f"{family}_train"), sample, COL_E, 0, flux,
+                   f"tlora/{family}_trained")
+    return g.build()
+
+
+def _generate(info: dict, flux: bool) -> dict:
+    sample, lora, rank = (FLUX_SAMPLE, FLUX_LORA, 32) if flux else (SDXL_SAMPLE, SDXL_LORA, 64)
+    g = Graph(info)
+    g.note(NOTE_GENERATE.format(lora=lora), (COL_A, 0), width=720, height=300)
+    model, clip, vae = _flux_loaders(g) if flux else _sdxl_loaders(g)
+    top = 790 if flux else 500
+    loader = g.node("TLoRALoader", (COL_A, top), {"lora_name": f"{lora}.safetensors"}, width=360)
+    g.link(model[0], model[1], loader, "model")
+    _schedule_preview(g, model, sample, (COL_A, top + 220), (COL_A, top + 490), f"{lora}.safetensors", rank, -1)
+    family = "flux" if flux else "sdxl"
+    _sample_column(g, (loader, "MODEL"), clip, vae, _prompts(f"{family}_generate"), sample, COL_C, 0, flux,
+                   f"tlora/{family}")
+    return g.build()
+
+
+def sdxl_train_and_generate(info: dict) -> dict:
+    return _train_and_generate(info, flux=False)
+
+
+def flux_train_and_generate(info: dict) -> dict:
+    return _train_and_generate(info, flux=True)
+
+
+def sdxl_generate(info: dict) -> dict:
+    return _generate(info, flux=False)
+
+
+def flux_generate(info: dict) -> dict:
+    return _generate(info, flux=True)
+
+
+def sdxl_lora_vs_tlora(info: dict) -> dict:
+    g = Graph(info)
+    g.note(NOTE_COMPARE, (COL_A, 0), width=720, height=300)
+    model, clip, vae = _sdxl_loaders(g)
+    positive, latent = _training_inputs(g, clip, vae, flux=False)
+    runs = {"LoRA": ({**SDXL_TRAIN, "variant": "LoRA", "steps": 500, "save_every": 0},
+                     "tlora/sks_dog_sdxl_plain_lora"),
+            "T-LoRA": ({**SDXL_TRAIN, "save_every": 0}, "tlora/sks_dog_sdxl_tlora")}
+    trained = {}
+    for index, (label, (settings, name)) in enumerate(runs.items()):
+        trained[label] = _trainer(g, model, latent, positive, settings, name, (COL_C, index * 520), f"Train {label}")
+        _train_outputs(g, trained[label], COL_D, index * 520, f"{label} loss")
+    # The sampling grid sits below the training part; the saved grid to the right of it.
+    base = 1060
+    negative, empty = _negative_and_latent(g, clip, COL_A, base, flux=False)
+    rows = []
+    for index, text in enumerate(_prompts("compare")):
+        top = base + index * ROW
+        encode = _prompt(g, clip, text, (COL_B, top), f"Prompt {index + 1}", flux=False)
+        images = [_sampler(g, (trained[label], "model"), encode, negative, empty, vae, SDXL_SAMPLE, index,
+                           (COL_B + 340 + column * 300, top), (COL_B + 950, top + column * 110),
+                           f"{label}, prompt {index + 1}")
+                  for column, label in enumerate(runs)]
+        row = g.node("ImageStitch", (COL_B + 1190, top), {"direction": "right", "match_image_size": True,
+                                                          "spacing_width": 16, "spacing_color": "white"},
+                     title=f"Row {index + 1}: LoRA | T-LoRA", width=280)
+        g.link(images[0], "IMAGE", row, "image1")
+        g.link(images[1], "IMAGE", row, "image2")
+        rows.append(row)
+    grid = rows[0]
+    for index, row in enumerate(rows[1:], start=1):
+        joined = g.node("ImageStitch", (COL_B + 1510, base + index * ROW - 100),
+                        {"direction": "down", "match_image_size": True, "spacing_width": 16,
+                         "spacing_color": "white"}, title="Stack rows", width=260)
+        g.link(grid, "IMAGE", joined, "image1")
+        g.link(row, "IMAGE", joined, "image2")
+        grid = joined
+    save = g.node("SaveImage", (COL_D + 440, 0), {"filename_prefix": "tlora/lora_vs_tlora_grid"}, width=640)
+    save.height = 960
+    g.link(grid, "IMAGE", save, "images")
+    return g.build()
+
+
+WORKFLOWS = {
+    "tlora_sdxl_train_and_generate": sdxl_train_and_generate,
+    "tlora_sdxl_generate": sdxl_generate,
+    "tlora_flux_train_and_generate": flux_train_and_generate,
+    "tlora_flux_generate": flux_generate,
+    "tlora_sdxl_lora_vs_tlora": sdxl_lora_vs_tlora,
+}
+
+
+def render(info: dict | None = None) -> dict[str, str]:
+    """``{file name: JSON text}`` of every workflow."""
+    info = info or object_info()
+    return {f"{name}.json": json.dumps(build(info), indent=2) + "\n" for name, build in WORKFLOWS.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a committed workflow is out of date")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    stale = []
+    for name, text in render().items():
+        path = WORKFLOWS_DIR / name
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        stale.append(name)
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            log.info("wrote %s", path.relative_to(REPO))
+    if args.check and stale:
+        log.error("out of date: %s (run scripts/make_workflows.py)", ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

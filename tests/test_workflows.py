@@ -1,0 +1,397 @@
+"""Every shipped workflow (workflows/*.json) is sound and runs.
+
+- Static checks against the real server's ``/object_info`` (one ComfyUI 0.3.75 server with this pack
+  for the module): valid UI-format JSON, every node type exists, every link joins matching types,
+  every widget value fits its input (model file names only need the form of a model file: no
+  weights ship).
+- The files are exactly what ``scripts/make_workflows.py`` generates from the current schemas.
+- Contents: standard model file names, the paper's recommended settings and prompts from the
+  paper's Appendix A.
+- Runs: each graph converted to API format runs in ComfyUI's real PromptExecutor with the model
+  loaders and text encoders swapped for tiny stand-ins (tests/tiny_nodes) and training cut to a
+  few steps; the images it saves are checked. The generate workflows load the file their train
+  workflow saved.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import urllib.request
+
+import pytest
+import torch
+from PIL import Image
+from workflow_tools import VIRTUAL_NODE_TYPES, check_workflow, load_workflow, to_api, widget_values
+
+from comfy_runtime import REPO
+
+WORKFLOW_DIR = REPO / "workflows"
+WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
+NAMES = [path.stem for path in WORKFLOWS]
+TRAIN_WORKFLOWS = [name for name in NAMES if "train" in name or "vs" in name]
+CONCEPT_IMAGE = "sks_dog.png"
+
+# Paper Appendix A, live_set (V* = the subject token): the prompts the examples may use.
+PAPER_LIVE_SET = [
+    "a chocolate-colored V*", "a red V*", "a purple V*", "a brightly lit V*", "a snowy V*",
+    "a V* in a purple wizard outfit", "a V* in a doctor outfit", "a V* in a superhero suit",
+    "a V* dressed as a ballerina", "a V* wearing a green bow tie",
+    "a V* with the Eiffel Tower in the background", "a V* with a mountain in the background",
+    "a V* with a tree and autumn leaves in the background",
+    "a V* on top of green grass with sunflowers around it",
+    "a V* with a sunset and palm trees in the background",
+    "a V* with the Sydney Opera House in the background", "a V* lying in the bed",
+    "a V* sitting on the chair", "a V* swimming", "a V* sleeping", "a V* skateboarding",
+    "a V* riding a surfboard", "a V* jumping with a parachute", "a V* running on a treadmill",
+    "a V* riding a bike",
+    "a V* dressed in a superhero cape, soaring through the skies above a bustling city during a sunset",
+    "a V* wearing a tuxedo performing on a stage in the spotlight",
+    "a V* in a wizards robe in a magical forest at midnight, accented with purples and sparkling "
+    "silver tones",
+    "a V* wearing a space helmet, among stars in a cosmic landscape during a starry night",
+    "a V* wearing a pirate hat exploring a sandy beach at the sunset with a boat floating in the "
+    "background",
+]
+TOKEN = "sks dog"
+TRAIN_PROMPT = f"a photo of {TOKEN}"
+
+# Loaders and text encoders -> tiny stand-ins of the same output types (tests/tiny_nodes).
+SWAPS = {"CheckpointLoaderSimple": "TLoRATestTinyCheckpointLoader", "UNETLoader": "TLoRATestTinyModelLoader",
+         "DualCLIPLoader": "TLoRATestTinyClipLoader", "CLIPLoader": "TLoRATestTinyClipLoader",
+         "VAELoader": "TLoRATestTinyVaeLoader"}
+# What the tiny run changes, and why: a few optimizer and sampler steps prove the graph runs;
+# rank 4 / min_rank 2 because the tiny models' attention layers are 32-64 wide (rank 64 cannot
+# exist there); 128 px images give the tiny models 16 x 16 latents.
+TRAIN_STEPS, SAVE_EVERY, TINY_RANK, TINY_MIN_RANK, SAMPLE_STEPS, TINY_SIZE = 3, 2, 4, 2, 2, 128
+
+
+@pytest.fixture(scope="module")
+def server_data(tmp_path_factory):
+    """What a real server with this pack reports (one server for the module): /object_info, the
+    template list, and the workflow files and thumbnails as it serves them."""
+    from comfy_server import PACK_DIR_NAME, running_server
+
+    base = tmp_path_factory.mktemp("workflow_server")
+    (base / "input").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 120, 60)).save(base / "input" / CONCEPT_IMAGE)
+    with running_server(base) as server:
+        served = {}
+        for path in WORKFLOWS:
+            for suffix in (".json", ".png"):
+                route = f"/api/workflow_templates/{PACK_DIR_NAME}/{path.stem}{suffix}"
+                with urllib.request.urlopen(server.url + route, timeout=30) as response:
+                    served[path.stem + suffix] = response.read()
+        return {"object_info": server.get_json("/object_info"), "templates": server.get_json("/workflow_templates"),
+                "served": served, "pack": PACK_DIR_NAME}
+
+
+@pytest.fixture(scope="module")
+def object_info(server_data):
+    return server_data["object_info"]
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_comfyui_lists_and_serves_the_workflows_as_templates(server_data):
+    """ComfyUI's template browser finds workflows/ and serves each file and its thumbnail."""
+    assert sorted(server_data["templates"][server_data["pack"]]) == NAMES
+    for path in WORKFLOWS:
+        assert server_data["served"][path.stem + ".json"] == path.read_bytes()
+        assert server_data["served"][path.stem + ".png"] == path.with_suffix(".png").read_bytes()
+
+
+def _nodes_of(workflow: dict, node_type: str) -> list[dict]:
+    return [node for node in workflow["nodes"] if node["type"] == node_type]
+
+
+def _values(workflow: dict, node_type: str, info: dict) -> list[dict]:
+    return [widget_values(node, info[node_type]) for node in _nodes_of(workflow, node_type)]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_workflow_is_ui_format_json(path):
+    workflow = json.loads(path.read_text(encoding="utf-8"))
+    assert workflow["version"] == 0.4
+    assert isinstance(workflow["nodes"], list) and workflow["nodes"]
+    assert all(len(link) == 6 for link in workflow["links"])
+    thumbnail = path.with_suffix(".png")
+    assert thumbnail.is_file(), f"{thumbnail.name}: every workflow ships a same-name thumbnail"
+    with Image.open(thumbnail) as image:
+        assert 256 <= image.size[0] <= 1024
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_node_types_exist_in_comfyui_and_pack(object_info, path):
+    types = {node["type"] for node in load_workflow(path)["nodes"]}
+    unknown = sorted(types - set(object_info) - VIRTUAL_NODE_TYPES)
+    assert not unknown, f"not in ComfyUI 0.3.75 + this pack: {unknown}"
+    assert types & {"TLoRATrain", "TLoRALoader"}, "the example uses none of the pack's main nodes"
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_links_and_widget_values_fit_the_schemas(object_info, path):
+    assert check_workflow(load_workflow(path), object_info) == []
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_checker_catches_broken_workflows(object_info):
+    """The checker above is not vacuous: each kind of fault is reported."""
+    workflow = load_workflow(WORKFLOW_DIR / "tlora_sdxl_train_and_generate.json")
+    train = _nodes_of(workflow, "TLoRATrain")[0]
+    sampler = _nodes_of(workflow, "KSampler")[0]
+    broken = json.loads(json.dumps(workflow))
+    nodes = {node["id"]: node for node in broken["nodes"]}
+    nodes[train["id"]]["widgets_values"][1] = 100000          # rank above its max
+    nodes[sampler["id"]]["widgets_values"][4] = "no_such_sampler"
+    broken["links"][0][5] = "LATENT"                          # a link of the wrong type
+    nodes[sampler["id"]]["type"] = "NoSuchNode"
+    errors = "\n".join(check_workflow(broken, object_info))
+    assert "rank" in errors and "outside" in errors
+    assert "unknown node type 'NoSuchNode'" in errors
+    assert "via LATENT" in errors
+    broken = json.loads(json.dumps(workflow))
+    next(n for n in broken["nodes"] if n["id"] == sampler["id"])["widgets_values"][4] = "no_such_sampler"
+    assert "no_such_sampler" in "\n".join(check_workflow(broken, object_info))
+
+
+@pytest.mark.comfy
+def test_files_are_what_the_generator_makes(comfy):
+    """workflows/*.json == scripts/make_workflows.py output for the current node schemas."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_workflows
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    rendered = make_workflows.render()
+    assert sorted(rendered) == sorted(path.name for path in WORKFLOWS)
+    for name, text in rendered.items():
+        assert (WORKFLOW_DIR / name).read_text(encoding="utf-8") == text, (
+            f"{name} is stale: run scripts/make_workflows.py")
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_standard_model_files_and_flux_wiring(object_info):
+    for path in WORKFLOWS:
+        workflow = load_workflow(path)
+        if "flux" in path.stem:
+            assert [v["unet_name"] for v in _values(workflow, "UNETLoader", object_info)] == ["flux1-dev.safetensors"]
+            assert _values(workflow, "DualCLIPLoader", object_info) == [
+                {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
+                 "device": "default"}]
+            assert [v["vae_name"] for v in _values(workflow, "VAELoader", object_info)] == ["ae.safetensors"]
+            guidance = sorted(v["guidance"] for v in _values(workflow, "FluxGuidance", object_info))
+            assert guidance[-1] == 3.5 and set(guidance) <= {1.0, 3.5}
+            assert {v["cfg"] for v in _values(workflow, "KSampler", object_info)} == {1.0}
+            assert not _nodes_of(workflow, "CheckpointLoaderSimple")
+        else:
+            assert [v["ckpt_name"] for v in _values(workflow, "CheckpointLoaderSimple", object_info)] == [
+                "sd_xl_base_1.0.safetensors"]
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_paper_settings_in_the_trainers(object_info):
+    for name in TRAIN_WORKFLOWS:
+        workflow = load_workflow(WORKFLOW_DIR / f"{name}.json")
+        for values in _values(workflow, "TLoRATrain", object_info):
+            assert values["learning_rate"] == 1e-4 and values["batch_size"] == 1
+            if values["variant"] == "LoRA":  # the paper's baseline: 500 steps (Appendix B)
+                assert values["steps"] == 500 and values["rank"] == 64
+            elif "flux" in name:  # the reference FLUX recipe: rank 32, vanilla T-LoRA
+                assert (values["variant"], values["rank"], values["min_rank"]) == ("Vanilla T-LoRA", 32, 16)
+            else:  # T-LoRA: rank 64, r_min = 50 %, 800 steps
+                assert (values["variant"], values["rank"], values["min_rank"], values["steps"]) == (
+                    "T-LoRA", 64, 32, 800)
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_prompts_come_from_the_paper(object_info, path):
+    allowed = {p.replace("V*", TOKEN) for p in PAPER_LIVE_SET} | {TRAIN_PROMPT, ""}
+    texts = [v["text"] for v in _values(load_workflow(path), "CLIPTextEncode", object_info)]
+    assert set(texts) <= allowed, set(texts) - allowed
+    assert len({t for t in texts if t not in (TRAIN_PROMPT, "")}) >= 3, "several prompts per workflow"
+
+
+def test_generate_workflows_load_what_the_train_workflows_save():
+    for family in ("sdxl", "flux"):
+        train = load_workflow(WORKFLOW_DIR / f"tlora_{family}_train_and_generate.json")
+        generate = load_workflow(WORKFLOW_DIR / f"tlora_{family}_generate.json")
+        file_name = next(v for v in _nodes_of(train, "TLoRATrain")[0]["widgets_values"]
+                         if isinstance(v, str) and v.startswith("tlora/"))
+        assert _nodes_of(generate, "TLoRALoader")[0]["widgets_values"][0] == f"{file_name}.safetensors"
+
+
+def tiny_prompt(workflow: dict, object_info: dict) -> tuple[dict, str]:
+    """The workflow in API format with tiny stand-ins and a few steps (see the constants above)."""
+    prompt = to_api(workflow, object_info)
+    family = "flux" if any(n["class_type"] == "UNETLoader" for n in prompt.values()) else "sdxl"
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind in SWAPS:
+            node["class_type"], node["inputs"] = SWAPS[kind], {"family": family}
+        elif kind == "CLIPTextEncode":
+            node["class_type"] = "TLoRATestTinyTextEncode"
+        elif kind == "TLoRATrain":
+            inputs.update(steps=TRAIN_STEPS, rank=TINY_RANK, min_rank=TINY_MIN_RANK,
+                          save_every=SAVE_EVERY if inputs["save_every"] else 0)
+        elif kind == "KSampler":
+            inputs["steps"] = SAMPLE_STEPS
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage", "ImageScale"):
+            inputs.update(width=TINY_SIZE, height=TINY_SIZE)
+    return prompt, family
+
+
+@pytest.fixture(scope="module")
+def runtime_dirs(comfy, tmp_path_factory):
+    """ComfyUI's input/output/loras folders pointed at a temporary tree for this module."""
+    comfy.init_nodes()
+    import folder_paths
+    import tiny_nodes
+
+    tiny_nodes.register()
+    root = tmp_path_factory.mktemp("workflow_runs")
+    dirs = {key: root / key for key in ("input", "output", "loras")}
+    for path in dirs.values():
+        path.mkdir()
+    # A textured concept image: a flat colour would make every latent alike.
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(96, 128, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(dirs["input"] / CONCEPT_IMAGE)
+    saved = (folder_paths.get_input_directory(), folder_paths.get_output_directory(),
+             folder_paths.folder_names_and_paths["loras"])
+    folder_paths.set_input_directory(str(dirs["input"]))
+    folder_paths.set_output_directory(str(dirs["output"]))
+    folder_paths.folder_names_and_paths["loras"] = ([str(dirs["loras"])], saved[2][1])
+    folder_paths.filename_list_cache.pop("loras", None)
+    try:
+        yield dirs
+    finally:
+        folder_paths.set_input_directory(saved[0])
+        folder_paths.set_output_directory(saved[1])
+        folder_paths.folder_names_and_paths["loras"] = saved[2]
+        folder_paths.filename_list_cache.pop("loras", None)
+
+
+@pytest.fixture(scope="module")
+def runs(runtime_dirs, object_info):
+    """Run every workflow once (train workflows first: the generate ones load their files)."""
+    from comfy_runtime import run_prompt
+
+    results = {}
+    for name in sorted(NAMES, key=lambda n: n not in TRAIN_WORKFLOWS):
+        prompt, family = tiny_prompt(load_workflow(WORKFLOW_DIR / f"{name}.json"), object_info)
+        executor, server = run_prompt(prompt)
+        results[name] = {"prompt": prompt, "family": family, "executor": executor, "server": server}
+    return results
+
+
+def _saved_images(run: dict) -> dict[str, torch.Tensor]:
+    """The IMAGE tensor each SaveImage node received, by node id."""
+    out = {}
+    for node_id, node in run["prompt"].items():
+        if node["class_type"] == "SaveImage":
+            source, slot = node["inputs"]["images"]
+            entry = run["executor"].caches.outputs.get(source)
+            out[node_id] = torch.cat(list(entry.outputs[slot]))
+    return out
+
+
+def _error_report(run: dict) -> str:
+    return json.dumps([m for m in run["server"].messages if m[0] == "execution_error"], default=str)[:4000]
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_and_saves_images(runs, runtime_dirs, name):
+    run = runs[name]
+    assert run["executor"].success, _error_report(run)
+    images = _saved_images(run)
+    assert len(images) == 1
+    batch = next(iter(images.values()))
+    prompts = sum(1 for n in run["prompt"].values() if n["class_type"] == "KSampler")
+    if "vs" in name:  # one grid: rows of LoRA | T-LoRA with 16 px white gaps
+        assert batch.shape == (1, 3 * TINY_SIZE + 2 * 16, 2 * TINY_SIZE + 16, 3)
+    else:
+        assert batch.shape == (prompts, TINY_SIZE, TINY_SIZE, 3)
+    assert torch.isfinite(batch).all() and batch.min() >= 0 and batch.max() <= 1
+    assert batch.std() > 1e-3, "the images are flat"
+    outputs = run["executor"].history_result["outputs"]
+    files = [image["filename"] for node in outputs.values() for image in node.get("images", [])
+             if image.get("type") == "output"]
+    assert len(files) == batch.shape[0]
+    for file_name in files:
+        found = list(runtime_dirs["output"].rglob(file_name))
+        assert len(found) == 1 and Image.open(found[0]).size == (batch.shape[2], batch.shape[1])
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("name", TRAIN_WORKFLOWS)
+def test_train_workflows_save_their_files(runs, runtime_dirs, name):
+    run = runs[name]
+    assert run["executor"].success, _error_report(run)
+    for node in (n for n in run["prompt"].values() if n["class_type"] == "TLoRATrain"):
+        final = runtime_dirs["loras"] / f"{node['inputs']['file_name']}.safetensors"
+        assert final.is_file()
+        if node["inputs"]["save_every"]:
+            assert final.with_name(f"{final.stem}_step{SAVE_EVERY:05d}.safetensors").is_file()
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_comparison_differs_only_in_method(runs):
+    """Same seeds per row, different methods per column, and the two columns differ."""
+    run = runs["tlora_sdxl_lora_vs_tlora"]
+    assert run["executor"].success, _error_report(run)
+    trainers = {n["inputs"]["variant"]: n["inputs"] for n in run["prompt"].values() if n["class_type"] == "TLoRATrain"}
+    assert sorted(trainers) == ["LoRA", "T-LoRA"]
+    ignore = {"variant", "steps", "file_name"}
+    assert {k: v for k, v in trainers["LoRA"].items() if k not in ignore} == {
+        k: v for k, v in trainers["T-LoRA"].items() if k not in ignore}
+    seeds_by_prompt: dict[str, set] = {}
+    for node in run["prompt"].values():
+        if node["class_type"] == "KSampler":
+            text = run["prompt"][node["inputs"]["positive"][0]]["inputs"]["text"]
+            seeds_by_prompt.setdefault(text, set()).add(node["inputs"]["seed"])
+    assert len(seeds_by_prompt) == 3 and all(len(seeds) == 1 for seeds in seeds_by_prompt.values())
+    grid = next(iter(_saved_images(run).values()))[0]
+    left, right = grid[:, :TINY_SIZE], grid[:, TINY_SIZE + 16:]
+    assert (left - right).abs().mean() > 1e-4, "LoRA and T-LoRA columns are identical"
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_generate_workflow_uses_the_trained_file(runs, family):
+    run = runs[f"tlora_{family}_generate"]
+    assert run["executor"].success, _error_report(run)
+    loader = next(n for n in run["prompt"].values() if n["class_type"] == "TLoRALoader")
+    assert re.fullmatch(rf"tlora/sks_dog_{family}\.safetensors", loader["inputs"]["lora_name"])
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_readme_documents_every_pack_node_input_and_picture(object_info):
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    pack_nodes = [name for name, info in object_info.items() if info.get("category") == "T-LoRA"]
+    assert sorted(pack_nodes) == ["TLoRALoader", "TLoRASchedulePreview", "TLoRATrain"]
+    for name in pack_nodes:
+        section = readme.split(f"(`{name}`)", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+        for section_name in ("required", "optional"):
+            for input_name in object_info[name]["input"].get(section_name, {}):
+                assert f"| `{input_name}`" in section, f"README's {name} table lacks {input_name}"
+    pictures = re.findall(r"(?:\]\(|src=\")(docs/images/[^)\"]+)", readme)
+    assert len(pictures) >= 4
+    for picture in pictures:
+        assert (REPO / picture).is_file(), picture
