@@ -2,19 +2,13 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .loader import TLoRALoader
+from .schedule_preview import TLoRASchedulePreview
+from .train import TLoRATrain
+
+NODE_LIST: list[type[io.ComfyNode]] = [TLoRALoader, TLoRATrain, TLoRASchedulePreview]
+
 
 class TLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODE_LIST)
-
-
-NODE_LIST: list[type[io.ComfyNode]] = []
-
-from .train import TLoRATrain  # noqa: E402
-
-NODE_LIST.append(TLoRATrain)
-
-from .loader import TLoRALoader  # noqa: E402
-from .schedule_preview import TLoRASchedulePreview  # noqa: E402
-
-NODE_LIST += [TLoRALoader, TLoRASchedulePreview]
