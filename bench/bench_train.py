@@ -1,0 +1,247 @@
+"""Training step time and peak memory: T-LoRA Train vs ComfyUI's built-in TrainLoraNode, tiny models.
+
+Every figure is measured in this run, on the same tiny SDXL / FLUX (ComfyUI's own classes), the
+same two 32x32 latents, batch 1, the same rank, fp32, one CPU thread (so other processes on the
+machine disturb the timings less), with gradient checkpointing on for both trainers and, on SDXL,
+also off (ComfyUI's SDXL checkpointing wraps TimestepEmbedSequential.forward, which the UNet never
+calls, so "on" checkpoints nothing there; ours checkpoints each ResBlock and transformer block).
+The base weights are ordinary tensors: with the inference-tensor weights a loader node produces,
+ComfyUI's trainer cannot run at all on FLUX, nor on SDXL once restricted to attention layers
+("Inference tensors cannot be saved for backward"). ``ours:tlora@inference`` repeats our T-LoRA
+run on inference-tensor weights to show the cost of our workaround. Runs:
+
+- ``ours:<variant>``: :func:`training.loop.train` with the paper's attention targets, for each variant
+  (tlora = Ortho + mask, vanilla = mask, ortho = Ortho without mask, lora = plain LoRA);
+- ``comfy:attention``: ComfyUI 0.3.75 ``TrainLoraNode`` restricted to the same attention modules
+  (its module scan is filtered for the one call that creates the adapters). On FLUX it fails
+  (checkpointing on: recomputation mismatch; off: FLUX's in-place updates), and the JSON says so;
+- ``comfy:all``: ``TrainLoraNode`` as shipped (every Linear / Conv plus bias and norm offsets), for
+  context.
+
+Step time = (time of a 25-step run - time of a 5-step run) / 20, so setup costs cancel out, after a
+3-step warm-up. All runs of a family share one process and are interleaved round by round (5
+rounds), so load from other processes hits them alike; the figure is the best round, in CPU time
+(``step_cpu_s``, one thread: little affected by other processes) and wall time. Peak memory = the
+rise of the peak resident set size (VmHWM, reset through /proc/self/clear_refs) during a 5-step
+run in a fresh process, above the RSS after the model and data are ready. Both are CPU figures on
+a toy model; they compare the two loops' overheads, not GPU behaviour. Results:
+``bench/results/bench_train.json`` (git-ignored).
+
+    python bench/bench_train.py [--rank 4] [--family sdxl flux] [--checkpointing both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+RUNS = ["ours:tlora", "ours:vanilla", "ours:ortho", "ours:lora", "ours:tlora@inference",
+        "comfy:attention", "comfy:all"]
+SIZE, IMAGES = 32, 2
+REPEATS = 5
+log = logging.getLogger("bench_train")
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _setup(family: str, inference_weights: bool):
+    sys.path[:0] = [str(REPO / "tests"), str(REPO)]
+    import torch
+
+    import comfy_runtime
+
+    torch.set_num_threads(1)
+    comfy_runtime.bootstrap()
+    comfy_runtime.init_nodes()
+    with torch.inference_mode(inference_weights):
+        model = comfy_runtime.build_model(family)
+    with torch.inference_mode():
+        gen = torch.Generator().manual_seed(0)
+        latents = [{"samples": torch.randn(1, comfy_runtime.latent_channels(family), SIZE, SIZE, generator=gen)}
+                   for _ in range(IMAGES)]
+        positive = comfy_runtime.fake_conditioning(family)
+    return model, latents, positive
+
+
+def _ours(family: str, variant: str, rank: int, checkpointing: bool, model, latents, positive):
+    import torch
+    from comfyui_tlora.training import inputs, loop
+
+    with torch.inference_mode():
+        samples = torch.cat([lat["samples"] for lat in latents])
+        with torch.inference_mode(False):
+            data = inputs.prepare_data(model.model, family, samples, positive, None, torch.device("cpu"))
+
+    def run(steps: int) -> None:
+        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=max(1, rank // 2), steps=steps,
+                                  gradient_checkpointing=checkpointing, compute_dtype="fp32")
+        with torch.inference_mode():
+            loop.train(model, data, config)
+    return run
+
+
+def _attention_only(model, family: str):
+    """Make TrainLoraNode's one module scan (adapter creation) see only our attention targets."""
+    from comfyui_tlora.training.targets import find_targets
+
+    keep = {t.module for t in find_targets(model.model.diffusion_model, family)}
+    base = model.model
+    original = base.named_modules
+
+    def filtered(*args, **kwargs):
+        del base.named_modules   # one call only: ComfyUI's loader scans modules again later
+        for name, module in original(*args, **kwargs):
+            if name.removeprefix("diffusion_model.") in keep:
+                yield name, module
+
+    base.named_modules = filtered
+
+
+def _comfy(family: str, scope: str, rank: int, checkpointing: bool, model, latents, positive):
+    import torch
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    def run(steps: int) -> None:
+        if scope == "attention":
+            _attention_only(model, family)
+        with torch.inference_mode():
+            TrainLoraNode.execute(
+                model=[model], latents=latents, positive=[positive], batch_size=[1], steps=[steps],
+                grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[rank], optimizer=["AdamW"],
+                loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"],
+                algorithm=["LoRA"], gradient_checkpointing=[checkpointing], existing_lora=["[None]"])
+    return run
+
+
+def _make_run(family: str, run_name: str, rank: int, checkpointing: bool):
+    name, _, weights = run_name.partition("@")
+    model, latents, positive = _setup(family, weights == "inference")
+    kind, _, arg = name.partition(":")
+    return (_ours if kind == "ours" else _comfy)(family, arg, rank, checkpointing, model, latents, positive)
+
+
+def _timed(run, steps: int) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(steps)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def time_worker(family: str, rank: int, checkpointing: bool) -> dict:
+    """Every run in this one process, interleaved round by round, so that a burst of load from
+    other processes hits all runs alike; per run the best round (CPU and wall time per step)."""
+    logging.disable(logging.INFO)
+    runs = {}
+    for name in RUNS:
+        try:
+            runs[name] = _make_run(family, name, rank, checkpointing)
+            runs[name](3)   # warm-up; also shows whether this trainer can run this model at all
+        except Exception as err:  # report it (ComfyUI's trainer fails on some setups) and go on
+            runs.pop(name, None)
+            log.debug("%s failed", name, exc_info=True)
+            runs_failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(REPEATS):
+        for name, run in runs.items():
+            (w5, c5), (w25, c25) = _timed(run, 5), _timed(run, 25)
+            rounds[name].append(((w25 - w5) / 20, (c25 - c5) / 20))
+    out = {name: {"step_cpu_s": min(c for _, c in r), "step_wall_s": min(w for w, _ in r),
+                  "rounds": r} for name, r in rounds.items()}
+    out.update({name: {"error": msg} for name, msg in runs_failed.items()})
+    return out
+
+
+runs_failed: dict[str, str] = {}
+
+
+def memory_worker(family: str, run_name: str, rank: int, checkpointing: bool) -> dict:
+    logging.disable(logging.INFO)
+    run = _make_run(family, run_name, rank, checkpointing)
+    rss = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
+    try:
+        run(5)
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
+    return {"peak_rss_rise_mb": (_status_kb("VmHWM") - rss) / 1024}
+
+
+def _spawn(family: str, run_name: str, rank: int, what: str, checkpointing: bool) -> dict:
+    cmd = [sys.executable, __file__, "--worker", family, run_name, what, "--rank", str(rank),
+           "--checkpointing", "on" if checkpointing else "off"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=3600)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _ratios(rows: dict) -> dict:
+    def ratio(a: str, b: str, key: str):
+        x, y = rows.get(a, {}).get(key), rows.get(b, {}).get(key)
+        return None if x is None or y is None or y == 0 else round(x / y, 3)
+
+    out = {}
+    for key in ("step_cpu_s", "step_wall_s", "peak_rss_rise_mb"):
+        out[f"tlora_vs_comfy_attention.{key}"] = ratio("ours:tlora", "comfy:attention", key)
+        out[f"lora_vs_comfy_attention.{key}"] = ratio("ours:lora", "comfy:attention", key)
+        out[f"tlora_vs_comfy_all.{key}"] = ratio("ours:tlora", "comfy:all", key)
+        out[f"mask_cost_vanilla_vs_lora.{key}"] = ratio("ours:vanilla", "ours:lora", key)
+        out[f"mask_cost_tlora_vs_ortho.{key}"] = ratio("ours:tlora", "ours:ortho", key)
+        out[f"inference_weights_cost.{key}"] = ratio("ours:tlora@inference", "ours:tlora", key)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--family", nargs="+", default=["sdxl", "flux"])
+    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="both",
+                        help="gradient checkpointing for both trainers (FLUX: always on; ours needs it)")
+    parser.add_argument("--worker", nargs=3, metavar=("FAMILY", "RUN", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        family, run_name, what = args.worker
+        checkpointing = args.checkpointing == "on"
+        result = time_worker(family, args.rank, checkpointing) if what == "time" else \
+            memory_worker(family, run_name, args.rank, checkpointing)
+        print(json.dumps(result))  # noqa: T201
+        return
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 1},
+              "rank": args.rank, "latent": [IMAGES, SIZE, SIZE], "families": {}}
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
+    for family in args.family:
+        for checkpointing in settings if family == "sdxl" else [True]:
+            label = f"{family}, checkpointing {'on' if checkpointing else 'off'}"
+            timing = _spawn(family, "all", args.rank, "time", checkpointing)
+            rows = {}
+            for run_name in RUNS:
+                rows[run_name] = {**timing.get(run_name, timing),
+                                  **_spawn(family, run_name, args.rank, "memory", checkpointing)}
+                rows[run_name].pop("rounds", None) if "error" in rows[run_name] else None
+                log.info("%s | %-22s %s", label, run_name,
+                         {k: v for k, v in rows[run_name].items() if k != "rounds"})
+            report["families"][label] = {"runs": rows, "ratios": _ratios(rows)}
+            for key, value in report["families"][label]["ratios"].items():
+                log.info("%s | %-42s %s", label, key, value)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_train.json").write_text(json.dumps(report, indent=2))
+    log.info("wrote %s", RESULTS / "bench_train.json")
+
+
+if __name__ == "__main__":
+    main()
