@@ -52,3 +52,20 @@ def family(request) -> str:
 def tiny_model(comfy, family):
     """A fresh tiny ModelPatcher of ``family`` with seeded weights."""
     return comfy.build_model(family, seed=0)
+
+
+@pytest.fixture
+def loras_dir(tmp_path, monkeypatch, comfy_nodes):
+    """ComfyUI's loras folders replaced by one empty temporary folder (restored afterwards), with
+    the test-only tiny-model nodes registered for prompts that need a model source."""
+    import folder_paths
+    import tiny_nodes
+
+    tiny_nodes.register()
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.delitem(folder_paths.filename_list_cache, "loras", raising=False)
+    yield folder
+    folder_paths.filename_list_cache.pop("loras", None)

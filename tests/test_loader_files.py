@@ -45,19 +45,6 @@ def loader(pack):
     return importlib.import_module(f"{pack.__name__}.nodes.loader")
 
 
-@pytest.fixture
-def loras_dir(tmp_path, comfy_nodes):
-    import folder_paths
-
-    paths, exts = folder_paths.folder_names_and_paths["loras"]
-    saved = (list(paths), set(exts))
-    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield tmp_path
-    folder_paths.folder_names_and_paths["loras"] = saved
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def tiny_sdxl_path(diffusers_name: str) -> str:
     block, rest = diffusers_name.split(".transformer_blocks.", 1)
     return f"{TINY_SDXL_BLOCKS[block]}.transformer_blocks.{rest}"

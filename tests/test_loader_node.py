@@ -31,22 +31,6 @@ def loader(pack):
     return importlib.import_module(f"{pack.__name__}.nodes.loader")
 
 
-@pytest.fixture
-def loras_dir(tmp_path, comfy_nodes):
-    """A temporary folder first among ComfyUI's loras folders; the registry is restored after."""
-    import folder_paths
-    import tiny_nodes
-
-    tiny_nodes.register()
-    paths, exts = folder_paths.folder_names_and_paths["loras"]
-    saved = (list(paths), set(exts))
-    folder_paths.add_model_folder_path("loras", str(tmp_path), is_default=True)
-    folder_paths.filename_list_cache.pop("loras", None)
-    yield tmp_path
-    folder_paths.folder_names_and_paths["loras"] = saved
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def loader_prompt(family: str, lora_name: str, strength: float = 1.0, min_rank: int = -1,
                   power: float = 0.0, refactor: bool = False, steps: int = 3) -> dict:
     # An empty 4-channel latent; KSampler widens an all-zero latent to FLUX's 16 channels itself.

@@ -20,19 +20,6 @@ DEFAULTS = dict(variant="auto", rank=4, min_rank=0, schedule_power=1.0, steps=3,
                 gradient_checkpointing=True, save_every=0, file_name="tlora/t", resume_from="none")
 
 
-@pytest.fixture
-def loras(tmp_path, monkeypatch, comfy_nodes):
-    import folder_paths
-
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
-                        ([str(folder)], folder_paths.supported_pt_extensions))
-    monkeypatch.delitem(folder_paths.filename_list_cache, "loras", raising=False)
-    yield folder
-    folder_paths.filename_list_cache.pop("loras", None)
-
-
 def run_node(model, latents, positive, mask=None, **overrides):
     from comfyui_tlora.nodes.train import TLoRATrain
 
@@ -44,14 +31,14 @@ def files_in(folder) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
 
-def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras, comfy, comfy_nodes):
+def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras_dir, comfy, comfy_nodes):
     model, latents, positive = th.node_inputs(family)
     before = th.snapshot(model)
     out_model, name, curve = run_node(model, latents, positive)
     th.assert_restored(before, model)
     assert name == "tlora/t.safetensors"
-    assert files_in(loras) == ["tlora/t.safetensors", "tlora/t.tlora-state"]   # no temp files
-    with safe_open(str(loras / name), framework="pt") as f:
+    assert files_in(loras_dir) == ["tlora/t.safetensors", "tlora/t.tlora-state"]   # no temp files
+    with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = f.metadata()
     assert meta["tlora.variant"] == VARIANT[family] and meta["tlora.rank"] == "4"
     assert meta["tlora.min_rank"] == "2"   # min_rank 0 = half the rank
@@ -69,32 +56,32 @@ def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras, com
     assert not torch.equal(trained_out, base_out)
 
 
-def test_an_existing_file_is_never_overwritten(loras):
+def test_an_existing_file_is_never_overwritten(loras_dir):
     model, latents, positive = th.node_inputs("flux")
     _, first, _ = run_node(model, latents, positive, steps=1)
-    data = (loras / first).read_bytes()
+    data = (loras_dir / first).read_bytes()
     _, second, _ = run_node(model, latents, positive, steps=1, seed=1)
     assert (first, second) == ("tlora/t.safetensors", "tlora/t_00001.safetensors")
-    assert (loras / first).read_bytes() == data
+    assert (loras_dir / first).read_bytes() == data
 
 
-def test_save_every_checkpoints_resume_exactly_like_an_uninterrupted_run(loras):
+def test_save_every_checkpoints_resume_exactly_like_an_uninterrupted_run(loras_dir):
     from comfyui_tlora.training import files
     from comfyui_tlora.training.state import load_state
 
     model, latents, positive = th.node_inputs("flux")
     run_node(model, latents, positive, steps=4, save_every=2, file_name="a")
-    assert files_in(loras) == ["a.safetensors", "a.tlora-state", "a_step00002.safetensors",
+    assert files_in(loras_dir) == ["a.safetensors", "a.tlora-state", "a_step00002.safetensors",
                                "a_step00002.tlora-state"]
     assert "a_step00002.safetensors" in files.resumable_files()
-    assert load_state(loras / "a_step00002.tlora-state").step == 2
+    assert load_state(loras_dir / "a_step00002.tlora-state").step == 2
     run_node(model, latents, positive, steps=4, file_name="b", resume_from="a_step00002.safetensors")
-    with safe_open(str(loras / "a.safetensors"), framework="pt") as fa, \
-            safe_open(str(loras / "b.safetensors"), framework="pt") as fb:
+    with safe_open(str(loras_dir / "a.safetensors"), framework="pt") as fa, \
+            safe_open(str(loras_dir / "b.safetensors"), framework="pt") as fb:
         assert sorted(fa.keys()) == sorted(fb.keys())
         for key in fa.keys():
             assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), key
-    full, resumed = load_state(loras / "a.tlora-state"), load_state(loras / "b.tlora-state")
+    full, resumed = load_state(loras_dir / "a.tlora-state"), load_state(loras_dir / "b.tlora-state")
     assert resumed.step == full.step == 4 and resumed.losses == full.losses
     for key, tensor in full.optimizer_tensors.items():
         assert torch.equal(tensor, resumed.optimizer_tensors[key]), key
@@ -131,7 +118,7 @@ def _bad_cases():
 
 
 @pytest.mark.parametrize("case", list(_bad_cases()))
-def test_bad_inputs_fail_clearly_before_any_gpu_work(case, loras, monkeypatch):
+def test_bad_inputs_fail_clearly_before_any_gpu_work(case, loras_dir, monkeypatch):
     import comfy.model_management
 
     family, make, message = _bad_cases()[case]
@@ -145,10 +132,10 @@ def test_bad_inputs_fail_clearly_before_any_gpu_work(case, loras, monkeypatch):
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", no_gpu_work)
     with pytest.raises(ValueError, match=message):
         run_node(model, latents, positive, mask=mask, **overrides)
-    assert files_in(loras) == []
+    assert files_in(loras_dir) == []
 
 
-def test_progress_bar_reports_every_step_with_a_loss_curve_preview(loras, monkeypatch):
+def test_progress_bar_reports_every_step_with_a_loss_curve_preview(loras_dir, monkeypatch):
     import comfy.utils
 
     calls = []
@@ -161,7 +148,7 @@ def test_progress_bar_reports_every_step_with_a_loss_curve_preview(loras, monkey
     assert len(previews) == 1 and previews[0][0] == "JPEG" and previews[0][1].size == (512, 320)
 
 
-def test_few_images_with_per_image_prompts_and_a_subject_mask(loras):
+def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir):
     model, latents, positive = th.node_inputs("sdxl", images=2)
     with torch.inference_mode():
         second = th.node_inputs("sdxl")[2]
@@ -169,7 +156,7 @@ def test_few_images_with_per_image_prompts_and_a_subject_mask(loras):
         mask = torch.zeros(2, 64, 64)
         mask[:, 16:48, 16:48] = 1
     _, name, _ = run_node(model, latents, positive, mask=mask, batch_size=2, steps=2)
-    with safe_open(str(loras / name), framework="pt") as f:
+    with safe_open(str(loras_dir / name), framework="pt") as f:
         assert json.loads(f.metadata()["tlora.training"])["images"] == 2
 
 
@@ -200,24 +187,24 @@ def _register_tiny_nodes():
     tiny_nodes.register()
 
 
-def test_runs_in_the_real_prompt_executor(family, loras, comfy):
+def test_runs_in_the_real_prompt_executor(family, loras_dir, comfy):
     _register_tiny_nodes()
     executor, server = comfy.run_prompt(_graph(family, steps=2))
     assert executor.success, [m for m in server.messages if m[0] == "execution_error"]
-    assert files_in(loras) == [f"graph_{family}.safetensors", f"graph_{family}.tlora-state"]
+    assert files_in(loras_dir) == [f"graph_{family}.safetensors", f"graph_{family}.tlora-state"]
     outputs = executor.history_result["outputs"]
     assert len(outputs["9"]["images"]) == 1 and len(outputs["10"]["images"]) == 1
 
 
-def test_comfyui_rejects_zero_steps_before_running(loras, comfy):
+def test_comfyui_rejects_zero_steps_before_running(loras_dir, comfy):
     _register_tiny_nodes()
     graph = _graph("flux", steps=0)
     with pytest.raises(AssertionError, match="steps"):
         comfy.run_prompt(graph)
-    assert files_in(loras) == []
+    assert files_in(loras_dir) == []
 
 
-def test_cancel_in_the_prompt_executor_leaves_no_file(loras, comfy, monkeypatch):
+def test_cancel_in_the_prompt_executor_leaves_no_file(loras_dir, comfy, monkeypatch):
     import comfy.model_management as mm
     from comfy import utils as comfy_utils
 
@@ -237,10 +224,10 @@ def test_cancel_in_the_prompt_executor_leaves_no_file(loras, comfy, monkeypatch)
     assert any(event == "execution_interrupted" for event, _ in server.messages)
     assert steps_seen == [1, 2]
     assert not mm.processing_interrupted()
-    assert files_in(loras) == []
+    assert files_in(loras_dir) == []
 
 
-def test_cancel_of_the_node_leaves_no_file_and_no_patch(loras, monkeypatch):
+def test_cancel_of_the_node_leaves_no_file_and_no_patch(loras_dir, monkeypatch):
     import comfy.model_management as mm
     from comfy import utils as comfy_utils
 
@@ -256,15 +243,15 @@ def test_cancel_of_the_node_leaves_no_file_and_no_patch(loras, monkeypatch):
     th.assert_restored(before, model)
     assert not model.attachments and not model.injections   # the input MODEL got no T-LoRA
     assert not mm.processing_interrupted()
-    assert files_in(loras) == []
+    assert files_in(loras_dir) == []
 
 
 @pytest.mark.parametrize("variant, file_variant", [("T-LoRA", "tlora"), ("Vanilla T-LoRA", "vanilla"),
                                                    ("Ortho-LoRA", "ortho"), ("LoRA", "lora")])
-def test_every_variant_round_trips_through_the_loader(variant, file_variant, loras, comfy, comfy_nodes):
+def test_every_variant_round_trips_through_the_loader(variant, file_variant, loras_dir, comfy, comfy_nodes):
     model, latents, positive = th.node_inputs("flux")
     out_model, name, _ = run_node(model, latents, positive, variant=variant, steps=2)
-    with safe_open(str(loras / name), framework="pt") as f:
+    with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = f.metadata()
     assert meta["tlora.variant"] == file_variant
     assert ("tlora.min_rank" in meta) == (file_variant in ("tlora", "vanilla"))
