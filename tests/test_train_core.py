@@ -121,6 +121,26 @@ def test_sliced_rank_equals_the_mask(tr, variant):
 
 
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
+def test_step_masks_slice_to_the_batch_max_rank_and_mask_the_rest(tr, pack, variant):
+    # Samples at ranks 3 and 4 of 6 (r_min 2): columns 4, 5 are sliced away for both, column 3 is
+    # masked for the first sample only; each sample must equal its own full-mask delta.
+    from comfyui_tlora.tlora_core.adapter import RankSchedule
+
+    adapter = _perturbed(tr, variant)
+    masks = tr.modules.StepMasks(RankSchedule(6, 2), torch.device("cpu"))
+    t = torch.tensor([600.0, 400.0])
+    masks.set(t)
+    mask, rank = masks.get()
+    assert rank == 4 and mask.shape == (2, 4) and mask[0].tolist() == [1, 1, 1, 0]
+    x = torch.randn(2, 5, 20)
+    got = adapter.delta(x, mask, rank)
+    for b, active in enumerate((3, 4)):
+        full = (torch.arange(6) < active).float()[None]
+        # Same sum without the zero terms: float32 summation order only.
+        torch.testing.assert_close(got[b:b + 1], adapter.delta(x[b:b + 1], full), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["tlora", "vanilla"])
 def test_exported_adapter_computes_the_training_delta(tr, pack, variant):
     adapter = _adapter(tr, variant, rank=6)
     with torch.no_grad():

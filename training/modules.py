@@ -74,9 +74,9 @@ class TrainableAdapter(torch.nn.Module):
               rank: int | None = None) -> torch.Tensor:
         """(B, ..., rows) float32 delta for layer input ``x``.
 
-        ``mask`` (B, rank): per-sample column mask. ``rank``: every sample keeps the first ``rank``
-        columns, computed by slicing the factors instead (same result, fewer FLOPs, and the masked
-        columns get exactly zero gradient by construction). Neither: every column.
+        ``rank``: keep only the first ``rank`` columns, by slicing the factors (fewer FLOPs, and the
+        dropped columns get exactly zero gradient by construction). ``mask`` (B, kept columns):
+        per-sample mask of the kept columns. Neither: every column.
         """
         x = x.to(ADAPTER_DTYPE)
         cut = slice(None) if rank is None else slice(0, rank)
@@ -124,17 +124,20 @@ class StepMasks:
             return
         s = self.schedule
         active = active_rank(timesteps, s.rank, s.min_rank, s.power, s.T).cpu()
-        if bool((active == active[0]).all()):
-            self._rank = int(active[0])
-        else:
-            self._mask = rank_mask(active.to(self.device), self._rank_index, ADAPTER_DTYPE)
+        # Columns at or beyond the batch's largest active rank are masked for every sample: slice
+        # them away, and mask only the columns in between per sample.
+        self._rank = int(active.max())
+        if not bool((active == active[0]).all()):
+            self._mask = rank_mask(active.to(self.device), self._rank_index[:self._rank], ADAPTER_DTYPE)
 
     def clear(self) -> None:
         self._mask = None
         self._rank = None
 
     def get(self) -> tuple[torch.Tensor | None, int | None]:
-        """``(mask (B, rank), None)`` or ``(None, shared active rank)``; (None, None) if unmasked."""
+        """``(mask (B, r_max) or None, r_max)``: adapters keep the first ``r_max`` (the batch's
+        largest active rank) columns, and multiply them by the per-sample mask when the samples'
+        ranks differ; (None, None) if unmasked."""
         if self.schedule is None:
             return None, None
         if self._mask is None and self._rank is None:
