@@ -46,7 +46,7 @@ def flux_mask(t: float, rank: int, min_rank: int, T: int = 1000) -> torch.Tensor
 def base_linears(inventory, modules, seed=0) -> dict[str, torch.nn.Linear]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
-    for path in modules:
+    for path in sorted(modules):   # sorted: a set's order changes with PYTHONHASHSEED
         n, m = inventory[path]
         lin = torch.nn.Linear(m, n, bias=False)
         with torch.no_grad():
