@@ -33,14 +33,12 @@ import comfy.patcher_extension
 import torch
 
 from ..tlora_core.apply import RankState, attach, detach
-from ..tlora_core.schedule import DEFAULT_T
+from ..tlora_core.schedule import DEFAULT_T, FLOW_TIMESTEP_SCALE
 from ..tlora_core.weights import TLoRAWeights
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tlora_"
-FLOW_TIMESTEP_SCALE = 1000.0
-"""Flow models: the reference FLUX code feeds ``1000 * sigma`` to its schedule."""
 
 
 def timestep_kind(model_sampling) -> str:

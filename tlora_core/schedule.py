@@ -16,6 +16,8 @@ import math
 import torch
 
 DEFAULT_T = 1000
+FLOW_TIMESTEP_SCALE = 1000.0
+"""Flow models (FLUX, SD3): the reference code feeds its schedule ``t = 1000 * sigma``."""
 
 
 def validate_schedule(rank: int, min_rank: int, power: float = 1.0, T: int = DEFAULT_T) -> None:

@@ -25,8 +25,9 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import torch
 
+from ..tlora_core.schedule import FLOW_TIMESTEP_SCALE
+
 CAPTURE_KEY = "tlora_train_capture"
-FLOW_T = 1000.0
 
 
 def objective_kind(model_sampling) -> str:
@@ -47,7 +48,7 @@ def draw_noise_levels(model_sampling, batch: int, generator: torch.Generator
     """(sigma (B,) float32, schedule timestep (B,) float64), drawn on the CPU from ``generator``."""
     if objective_kind(model_sampling) == "flow":
         sigma = torch.rand(batch, generator=generator, dtype=torch.float64)
-        return sigma.float(), sigma * FLOW_T
+        return sigma.float(), sigma * FLOW_TIMESTEP_SCALE
     n = int(model_sampling.sigmas.shape[0])
     t = torch.randint(0, n, (batch,), generator=generator)
     return model_sampling.sigmas.detach().cpu()[t].float(), t.to(torch.float64)
