@@ -111,6 +111,46 @@ def test_masked_columns_get_exactly_zero_gradient(tr, variant, how):
         assert torch.count_nonzero(kept) == kept.numel()
 
 
+@pytest.mark.parametrize("rank", [None, 6, 3])
+def test_one_step_factor_node_matches_the_per_adapter_autograd_graph(tr, rank):
+    """AdapterSet.begin_step builds every Ortho adapter's factors in one autograd node with a
+    hand-written backward: same values, same gradients as autograd through ``factors``; an adapter
+    whose factors are not used gets no gradient."""
+    adapters = []
+    for seed, (rows, width) in enumerate([(24, 20), (16, 12), (24, 20)]):
+        adapter = _adapter(tr, "tlora", rank=6, rows=rows, width=width, seed=seed)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(10 + seed)))
+        adapters.append(adapter)
+    used = adapters[:2]
+    weights = [torch.randn(f.shape, generator=torch.Generator().manual_seed(20 + i))
+               for i, f in enumerate(t for a in used for t in a.factors(rank))]
+
+    def grads_after(factors):
+        loss = sum((w * f).sum() for w, f in zip(weights, factors[:2 * len(used)]))
+        for a in adapters:
+            a.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad for a in adapters for p in (a.A, a.B, a.S)]
+
+    reference = [t for a in adapters for t in a.factors(rank)]
+    expected = grads_after(reference)
+    built = tr.modules._OrthoStepFactors.apply(
+        rank, [(a.A_init, a.B_init, a.S_init) for a in adapters],
+        *[p for a in adapters for p in (a.A, a.B, a.S)])
+    for got, want in zip(built, reference):
+        assert torch.equal(got, want)
+    got_grads = grads_after(list(built))
+    for got, want in zip(got_grads[:6], expected[:6]):
+        # Same products; autograd may sum the two paths into A in the other order.
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert got_grads[6:] == [None, None, None] and expected[6:] == [None, None, None]
+    if rank == 3:
+        for got, axis in ((got_grads[0], 0), (got_grads[1], 1), (got_grads[2], 0)):
+            assert torch.count_nonzero(got.narrow(axis, 3, 3)) == 0
+
+
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
 def test_sliced_rank_equals_the_mask(tr, variant):
     adapter = _perturbed(tr, variant)
@@ -239,7 +279,7 @@ def test_state_file_roundtrip_restores_adapters_and_optimizer(tr, tmp_path):
     targets = [tr.targets.TrainTarget("a", None, 12, 10), tr.targets.TrainTarget("b", (0, 6), 18, 10)]
     adapters = tr.modules.AdapterSet(targets, "tlora", 4, seed=3)
     config = tr.loop.TrainConfig(rank=4, min_rank=2)
-    opt = tr.loop._optimizer(adapters, config)
+    opt = tr.loop._optimizer(adapters, config, torch.device("cpu"))
     for _ in range(2):
         loss = sum(a.delta(torch.randn(2, 10), None).square().sum() + a.S.sum() for a in adapters.adapters)
         loss.backward()
@@ -252,7 +292,7 @@ def test_state_file_roundtrip_restores_adapters_and_optimizer(tr, tmp_path):
     loaded = tr.state.load_state(path)
     assert loaded.step == 2 and loaded.losses == [0.5, 0.25] and loaded.adapter_keys == ["a", "b@0:6"]
     fresh = tr.modules.AdapterSet(targets, "tlora", 4, seed=99)
-    fresh_opt = tr.loop._optimizer(fresh, config)
+    fresh_opt = tr.loop._optimizer(fresh, config, torch.device("cpu"))
     tr.state.check_compatible(loaded, identity, fresh.keys(), steps=3)
     tr.state.restore(loaded, fresh, fresh_opt)
     for mine, theirs in zip(adapters.state_dict().values(), fresh.state_dict().values()):

@@ -53,37 +53,46 @@ def test_ortho_init_leaves_the_model_output_unchanged(family, tl):
             masks = modules.StepMasks(loop.TrainConfig(rank=4, min_rank=2).schedule(), torch.device("cpu"))
             adapters.attach(tp.model.diffusion_model, masks)
             try:
-                masks.set(torch.tensor([999.0, 500.0, 10.0]))
+                adapters.begin_step(torch.tensor([999.0, 500.0, 10.0]))
                 with_adapters, _ = _prediction(tp, data, sigma)
+                assert adapters.adapters[0].step_factors is not None   # the loop's per-step factors
             finally:
                 adapters.detach()
     assert torch.equal(base, with_adapters)
 
 
-@pytest.mark.parametrize("variant", ["tlora", "vanilla"])
-def test_masked_columns_get_zero_gradient_at_a_high_timestep(family, variant, tl):
+def _perturbed_gradients(tl, family, variant, rank, min_rank, timesteps, checkpointing):
+    """Adapters moved off their init (so every factor gets a gradient), one loss backward at
+    ``timesteps`` through the loop's per-step path; returns the AdapterSet."""
     loop, modules, objective, prepare, targets = tl
     model, latents, positive = th.node_inputs(family)
-    rank, min_rank = 4, 1
     with torch.inference_mode():
         data = th.training_data(model, latents, positive)
         with torch.inference_mode(False), torch.enable_grad(), prepare.trainable_model(
-                model, gradient_checkpointing=True) as tp:
+                model, gradient_checkpointing=checkpointing) as tp:
             found = targets.find_targets(tp.model.diffusion_model, family)
             adapters = modules.AdapterSet(found, variant, rank, seed=0)
-            with torch.no_grad():   # off the init, so that every factor receives a gradient
+            with torch.no_grad():
                 for p in adapters.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
             masks = modules.StepMasks(loop.TrainConfig(rank=rank, min_rank=min_rank).schedule(),
                                       torch.device("cpu"))
             adapters.attach(tp.model.diffusion_model, masks)
             try:
-                masks.set(torch.tensor([999.0]))   # r(999) = min_rank: columns 1.. are masked
-                pred, target = _prediction(tp, data, _sigmas(model, [999]))
+                adapters.begin_step(torch.tensor(timesteps, dtype=torch.float32))
+                pred, target = _prediction(tp, data, _sigmas(model, timesteps))
                 objective.weighted_mse(pred, target).backward()
             finally:
                 adapters.detach()
-                masks.clear()
+    return adapters
+
+
+@pytest.mark.parametrize("variant", ["tlora", "vanilla"])
+def test_masked_columns_get_zero_gradient_at_a_high_timestep(family, variant, tl):
+    rank, min_rank = 4, 1
+    # r(999) = min_rank: columns 1.. are masked. With checkpointing: the per-step factors are
+    # built outside the checkpointed blocks and reused by their recomputation.
+    adapters = _perturbed_gradients(tl, family, variant, rank, min_rank, [999], checkpointing=True)
     for adapter in adapters.adapters:
         if variant == "tlora":
             grads = ((adapter.A.grad, 0), (adapter.B.grad, 1), (adapter.S.grad, 0))
@@ -92,6 +101,22 @@ def test_masked_columns_get_zero_gradient_at_a_high_timestep(family, variant, tl
         for grad, axis in grads:
             assert torch.count_nonzero(grad.narrow(axis, min_rank, rank - min_rank)) == 0
             assert torch.count_nonzero(grad.narrow(axis, 0, min_rank)) > 0
+
+
+@pytest.mark.parametrize("variant", ["tlora", "vanilla"])
+def test_checkpointing_reuses_the_step_factors_and_gives_the_same_gradients(variant, tl):
+    """The per-step factors are built once, outside the checkpointed blocks, and reused by their
+    recomputation: the gradients must equal those of a run without checkpointing."""
+    # Two samples at different ranks: the sliced + masked path.
+    runs = {checkpointing: _perturbed_gradients(tl, "sdxl", variant, 4, 2, [700, 100], checkpointing)
+            for checkpointing in (False, True)}
+    grads = {checkpointing: [p.grad for p in adapters.parameters()] for checkpointing, adapters in runs.items()}
+    adapters = runs[True]
+    assert all(adapter.step_factors is None for adapter in adapters.adapters)   # dropped by detach
+    for plain, checkpointed in zip(grads[False], grads[True]):
+        assert torch.count_nonzero(plain) > 0
+        # The same forward recomputed: float32 summation order in the backward only.
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-9)
 
 
 def test_training_lowers_the_loss_and_restores_the_model(family, tl):
@@ -231,13 +256,13 @@ def test_each_sample_gets_the_mask_of_its_own_timestep(tl):
             try:
                 for name, idx in (("batch", [0, 1]), ("high", [0]), ("low", [1])):
                     adapters.zero_grad(set_to_none=True)
-                    masks.set(t[idx])
+                    adapters.begin_step(t[idx])
                     c = {k: v[idx] for k, v in conds.items()}
                     objective.weighted_mse(predictor(x_t[idx], sigma[idx], c), target[idx]).backward()
+                    adapters.end_step()
                     grads[name] = [p.grad.clone() for p in adapters.parameters()]
             finally:
                 adapters.detach()
-                masks.clear()
     for batch, high, low in zip(grads["batch"], grads["high"], grads["low"]):
         # One batched forward vs two single ones: float32 summation order only.
         torch.testing.assert_close(batch, (high + low) / 2, rtol=1e-4, atol=1e-9)

@@ -3,9 +3,7 @@
 Per adapted Linear (or row range of a fused Linear) and per sample b with mask ``m_b = M_{t_b}``:
 
 - T-LoRA / Ortho-LoRA (paper Eq. 8): ``delta = B diag(S m_b) A x - B0 diag(S0 m_b) A0 x``; A, B, S
-  train, ``A0 = A_init``, ``B0``, ``S0`` are frozen copies of the Ortho init, so delta is exactly 0
-  at step 0 under every mask (the two terms are computed by the same operations on bitwise equal
-  factors).
+  train, ``A0 = A_init``, ``B0``, ``S0`` are frozen copies of the Ortho init.
 - Vanilla T-LoRA (Eq. 5): ``delta = up diag(m_b) down x``; plain LoRA: no mask.
 
 Ortho-LoRA without mask and plain LoRA use ``m_b = 1``. When every sample of a step has the same
@@ -13,6 +11,18 @@ active rank (always at batch size 1) the mask is applied by slicing the factors 
 r(t) columns instead: same values, fewer FLOPs. The adapter math runs in float32 whatever the base
 model's dtype and is cast to the layer output's dtype once, after the addition, as in
 :mod:`tlora_core.apply`.
+
+The Ortho delta is computed as ONE low-rank product of rank 2r, written with differences from the
+init (``U = B S``, ``U0 = B0 S0``)::
+
+    delta = [U - U0 | U0] diag([m_b | m_b]) [A; A - A0] x
+
+which equals Eq. 8 and is exactly zero at init by construction (``U - U0`` and ``A - A0`` are
+exactly zero there, whatever order a GEMM sums in). These per-step factors depend on the
+parameters only, so :meth:`AdapterSet.begin_step` builds them once per training step, for every
+adapter in one autograd node, outside any checkpointed block; each layer then costs what a plain
+LoRA of rank 2r costs. The price is memory: the factors (twice the size of A and B, fp32) live
+through the step and their gradients gather in its backward.
 
 ``export`` turns a trained adapter into the :class:`LowRankAdapter` the Loader uses:
 ``down = [A; A0]``, ``up = [B S | -B0 S0]``, ``parts = 2`` (Ortho) or ``down``, ``up`` (Vanilla / LoRA).
@@ -41,6 +51,66 @@ def adapter_key(target: TrainTarget) -> str:
     return f"{target.module}@{target.out_rows[0]}:{target.out_rows[1]}"
 
 
+def _ortho_factors(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, a0: torch.Tensor,
+                   b0: torch.Tensor, s0: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([A; A - A0], [B S - B0 S0 | B0 S0])`` on the first ``rank`` columns (module docstring)."""
+    if rank is not None and rank < a.shape[0]:
+        a, b, s, a0, b0, s0 = a[:rank], b[:, :rank], s[:rank], a0[:rank], b0[:, :rank], s0[:rank]
+    u0 = b0 * s0   # the same product as the trained b * s: U - U0 is exactly zero at init
+    return torch.cat([a, a - a0]), torch.cat([b * s - u0, u0], dim=1)
+
+
+class _OrthoStepFactors(torch.autograd.Function):
+    """Every Ortho adapter's ``_ortho_factors`` of one step as ONE autograd node.
+
+    Same values as the per-adapter autograd graph (the forward runs the same function); the
+    backward is written out: ``down = [A; A - A0]`` gives ``dA = g[:r] + g[r:]``, ``up[:, :r] = B S -
+    U0`` gives ``dB = g_U S`` and ``dS = sum_rows(g_U B)``; columns beyond ``r`` get zeros. This
+    replaces a dozen small autograd ops per adapter and step, the bulk of the Ortho variants' cost
+    over a plain LoRA on small layers.
+
+    ``apply(rank, frozen, *params)``: ``frozen`` = [(A0, B0, S0)] and ``params`` = A, B, S per adapter,
+    in the same order; returns down, up per adapter.
+    """
+
+    @staticmethod
+    def forward(ctx, rank, frozen, *params):
+        ctx.set_materialize_grads(False)
+        ctx.rank = rank
+        ctx.save_for_backward(*params)
+        out = []
+        for i, (a0, b0, s0) in enumerate(frozen):
+            out += _ortho_factors(*params[3 * i:3 * i + 3], a0, b0, s0, rank)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.saved_tensors
+        out: list[torch.Tensor | None] = [None, None]
+        for i in range(len(params) // 3):
+            a, b, s = params[3 * i:3 * i + 3]
+            g_down, g_up = grads[2 * i], grads[2 * i + 1]
+            r = a.shape[0] if ctx.rank is None else min(ctx.rank, a.shape[0])
+            g_a = g_b = g_s = None
+            if g_down is not None:
+                g_a = _padded(g_down[:r] + g_down[r:], a, 0)
+            if g_up is not None:
+                g_u = g_up[:, :r]
+                g_b = _padded(g_u * s[:r], b, 1)
+                g_s = _padded((g_u * b[:, :r]).sum(0), s, 0)
+            out += [g_a, g_b, g_s]
+        return tuple(out)
+
+
+def _padded(grad: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """``grad`` of the first columns of ``like`` along ``dim``, zero-padded to ``like``'s shape."""
+    if grad.shape == like.shape:
+        return grad
+    full = torch.zeros_like(like)
+    full.narrow(dim, 0, grad.shape[dim]).copy_(grad)
+    return full
+
+
 class TrainableAdapter(torch.nn.Module):
     """One adapter's trainable factors (float32) and, for Ortho variants, its frozen init."""
 
@@ -65,28 +135,35 @@ class TrainableAdapter(torch.nn.Module):
                                     dtype=ADAPTER_DTYPE)
             self.down = torch.nn.Parameter(down.detach().clone())
             self.up = torch.nn.Parameter(up.detach().clone())
+        # (rank, factors(rank)) of the current training step, set by AdapterSet.begin_step.
+        self.step_factors: tuple[int | None, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def parts(self) -> int:
         return 2 if self.ortho else 1
 
-    def delta(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-              rank: int | None = None) -> torch.Tensor:
+    def factors(self, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(down, up)`` of this step's low-rank product, keeping the first ``rank`` columns
+        (all if None), with autograd back to the parameters. Ortho: 2 x rank columns, see the
+        module docstring; the dropped columns get exactly zero gradient by construction."""
+        if not self.ortho:
+            if rank is None or rank == self.down.shape[0]:
+                return self.down, self.up
+            return self.down[:rank], self.up[:, :rank]
+        return _ortho_factors(self.A, self.B, self.S, self.A_init, self.B_init, self.S_init, rank)
+
+    def delta(self, x: torch.Tensor, mask: torch.Tensor | None = None, rank: int | None = None,
+              factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """(B, ..., rows) float32 delta for layer input ``x``.
 
-        ``rank``: keep only the first ``rank`` columns, by slicing the factors (fewer FLOPs, and the
-        dropped columns get exactly zero gradient by construction). ``mask`` (B, kept columns):
-        per-sample mask of the kept columns. Neither: every column.
+        ``rank``: keep only the first ``rank`` columns (by slicing the factors). ``mask`` (B, kept
+        columns): per-sample mask of the kept columns. Neither: every column. ``factors``: this
+        step's ``factors(rank)``, built once per step (see :meth:`AdapterSet.begin_step`).
         """
-        x = x.to(ADAPTER_DTYPE)
-        cut = slice(None) if rank is None else slice(0, rank)
-        if not self.ortho:
-            return lowrank_delta(x, self.down[cut], self.up[:, cut], mask)
-        # Two separate terms, not one product over [A; A_init]: bitwise equal at init (so exactly
-        # zero), and the frozen term builds no autograd graph where x needs no gradient.
-        trained = lowrank_delta(x, self.A[cut], self.B[:, cut], mask, scale=self.S[cut])
-        frozen = lowrank_delta(x, self.A_init[cut], self.B_init[:, cut], mask, scale=self.S_init[cut])
-        return trained - frozen
+        down, up = self.factors(rank) if factors is None else factors
+        if mask is not None and self.ortho:
+            mask = mask.repeat(1, 2)
+        return lowrank_delta(x.to(ADAPTER_DTYPE), down, up, mask)
 
     @torch.no_grad()
     def export(self, schedule: RankSchedule | None, rank_index: torch.Tensor) -> LowRankAdapter:
@@ -180,6 +257,7 @@ class AdapterSet(torch.nn.Module):
         self.adapters = torch.nn.ModuleList(
             TrainableAdapter(t, variant, rank, generator, ortho_mode) for t in self.targets)
         self._handles: list = []
+        self._masks: StepMasks | None = None
 
     def keys(self) -> list[str]:
         return [adapter_key(t) for t in self.targets]
@@ -193,6 +271,7 @@ class AdapterSet(torch.nn.Module):
     def attach(self, diffusion_model: torch.nn.Module, masks: StepMasks) -> None:
         """Register one forward hook per adapted module (idempotent per run: detach first)."""
         self.detach()
+        self._masks = masks
         for name, group in self.by_module().items():
             module = diffusion_model.get_submodule(name)
             self._handles.append(module.register_forward_hook(_training_hook(group, masks)))
@@ -201,6 +280,35 @@ class AdapterSet(torch.nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.end_step()
+        self._masks = None
+
+    def begin_step(self, timesteps: torch.Tensor) -> None:
+        """Set the step's rank masks from ``timesteps`` and build every adapter's factors once.
+
+        Call it outside any checkpointed block (the loop does): a checkpoint's recomputation then
+        reuses the same factor tensors instead of rebuilding them, and their backward runs once.
+        """
+        if self._masks is None:
+            raise RuntimeError("T-LoRA training: begin_step before attach")
+        self._masks.set(timesteps)
+        _, rank = self._masks.get()
+        ortho = [a for a in self.adapters if a.ortho]
+        if ortho:
+            built = _OrthoStepFactors.apply(rank, [(a.A_init, a.B_init, a.S_init) for a in ortho],
+                                            *[p for a in ortho for p in (a.A, a.B, a.S)])
+            for i, adapter in enumerate(ortho):
+                adapter.step_factors = (rank, (built[2 * i], built[2 * i + 1]))
+        for adapter in self.adapters:
+            if not adapter.ortho:
+                adapter.step_factors = (rank, adapter.factors(rank))
+
+    def end_step(self) -> None:
+        """Clear the step's masks and drop its factors (and the autograd graph they hold)."""
+        if self._masks is not None:
+            self._masks.clear()
+        for adapter in self.adapters:
+            adapter.step_factors = None
 
     def export(self, schedule: RankSchedule | None) -> dict[str, list[LowRankAdapter]]:
         """``{module: [LowRankAdapter]}`` for :class:`TLoRAWeights`; one shared rank_index tensor
@@ -210,11 +318,17 @@ class AdapterSet(torch.nn.Module):
                 for name, group in self.by_module().items()}
 
 
+def _current(adapter: TrainableAdapter, rank: int | None):
+    """The factors built by ``begin_step`` for ``rank``; None (build them here) without one."""
+    step = adapter.step_factors
+    return step[1] if step is not None and step[0] == rank else None
+
+
 def _training_hook(group: list[TrainableAdapter], masks: StepMasks):
     def forward_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         mask, rank = masks.get()
-        deltas = [(a.target.out_rows, a.delta(x, mask, rank)) for a in group]
+        deltas = [(a.target.out_rows, a.delta(x, mask, rank, _current(a, rank))) for a in group]
         return _add_rows(output, deltas)
 
     return forward_hook
