@@ -3,8 +3,7 @@
 Every figure is measured in this run, on the same tiny SDXL / FLUX (ComfyUI's own classes), the
 same two 32x32 latents, batch 1, the same rank, fp32, one CPU thread (so other processes on the
 machine disturb the timings less), with gradient checkpointing on for both trainers and, on SDXL,
-also off (ComfyUI's SDXL checkpointing wraps TimestepEmbedSequential.forward, which the UNet never
-calls, so "on" checkpoints nothing there; ours checkpoints each ResBlock and transformer block).
+also off (both checkpoint each ResBlock and transformer block of the SDXL UNet).
 The base weights are ordinary tensors: with the inference-tensor weights a loader node produces,
 ComfyUI's trainer cannot run at all on FLUX, nor on SDXL once restricted to attention layers
 ("Inference tensors cannot be saved for backward"). ``ours:tlora@inference`` repeats our T-LoRA
@@ -18,13 +17,20 @@ run on inference-tensor weights to show the cost of our workaround. Runs:
 - ``comfy:all``: ``TrainLoraNode`` as shipped (every Linear / Conv plus bias and norm offsets), for
   context.
 
-Step time = (time of a 25-step run - time of a 5-step run) / 20, so setup costs cancel out, after a
-3-step warm-up. All runs of a family share one process and are interleaved round by round (5
-rounds), so load from other processes hits them alike; the figure is the best round, in CPU time
-(``step_cpu_s``, one thread: little affected by other processes) and wall time. Peak memory = the
-rise of the peak resident set size (VmHWM, reset through /proc/self/clear_refs) during a 5-step
-run in a fresh process, above the RSS after the model and data are ready. Both are CPU figures on
-a toy model; they compare the two loops' overheads, not GPU behaviour. Results:
+Step time = the interval between two consecutive calls of the diffusion model's forward (each
+trainer calls it once per step: forward, backward and optimizer step lie in between), in CPU time
+(``step_cpu_s``, one thread: little affected by other processes) and wall time, without the first
+step of each run. The runs of a family share one process and take turns in short runs of 8 steps,
+20 rounds, the order reversed every round, so that the slow drifts of a shared machine's speed hit
+every run alike. Per run: the median of the 120 steps timed (``step_cpu_s``, quartiles alongside)
+and their 10th percentile (``step_cpu_p10_s``: a shared machine only ever adds time, so the fast
+steps show the loop's own cost best). Peak memory, per run in a fresh process: ``peak_tensor_mb``,
+the peak of the bytes held by tensors during a 5-step run above its start, counted from every
+allocation and free by PyTorch's memory profiler (after a 5-step warm-up; on a GPU this is what
+``max_memory_allocated`` reports), and ``peak_rss_rise_mb``, the rise of the process's peak
+resident set size (VmHWM, reset through /proc/self/clear_refs) during the first 5-step run, which
+also counts the libraries' own first-use allocations. These are CPU figures on a toy model; they
+compare the two loops, not GPU behaviour. Results:
 ``bench/results/bench_train.json`` (git-ignored).
 
     python bench/bench_train.py [--rank 4] [--family sdxl flux] [--checkpointing both]
@@ -37,8 +43,10 @@ import json
 import logging
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +55,7 @@ RESULTS = REPO / "bench" / "results"
 RUNS = ["ours:tlora", "ours:vanilla", "ours:ortho", "ours:lora", "ours:tlora@inference",
         "comfy:attention", "comfy:all"]
 SIZE, IMAGES = 32, 2
-REPEATS = 5
+ROUNDS, ROUND_STEPS = 20, 8
 log = logging.getLogger("bench_train")
 
 
@@ -128,38 +136,54 @@ def _comfy(family: str, scope: str, rank: int, checkpointing: bool, model, laten
 
 
 def _make_run(family: str, run_name: str, rank: int, checkpointing: bool):
+    """``(run(steps), model)`` for one named run."""
     name, _, weights = run_name.partition("@")
     model, latents, positive = _setup(family, weights == "inference")
     kind, _, arg = name.partition(":")
-    return (_ours if kind == "ours" else _comfy)(family, arg, rank, checkpointing, model, latents, positive)
+    trainer = _ours if kind == "ours" else _comfy
+    return trainer(family, arg, rank, checkpointing, model, latents, positive), model
 
 
-def _timed(run, steps: int) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    run(steps)
-    return time.perf_counter() - wall, time.process_time() - cpu
+def _step_clock(model) -> list[tuple[float, float]]:
+    """(cpu, wall) time stamps of every call of ``model``'s diffusion model (one per step)."""
+    stamps: list[tuple[float, float]] = []
+    model.model.diffusion_model.register_forward_pre_hook(
+        lambda *_: stamps.append((time.process_time(), time.perf_counter())))
+    return stamps
+
+
+def _quartiles(values: list[float]) -> dict:
+    q1, median, q3 = statistics.quantiles(values, n=4)
+    return {"median": median, "q1": q1, "q3": q3, "p10": statistics.quantiles(values, n=10)[0]}
 
 
 def time_worker(family: str, rank: int, checkpointing: bool) -> dict:
-    """Every run in this one process, interleaved round by round, so that a burst of load from
-    other processes hits all runs alike; per run the best round (CPU and wall time per step)."""
+    """Every run in this one process, taking turns in short runs (see the module docstring)."""
     logging.disable(logging.INFO)
-    runs = {}
+    runs, clocks = {}, {}
     for name in RUNS:
         try:
-            runs[name] = _make_run(family, name, rank, checkpointing)
+            runs[name], model = _make_run(family, name, rank, checkpointing)
+            clocks[name] = _step_clock(model)
             runs[name](3)   # warm-up; also shows whether this trainer can run this model at all
         except Exception as err:  # report it (ComfyUI's trainer fails on some setups) and go on
             runs.pop(name, None)
             log.debug("%s failed", name, exc_info=True)
             runs_failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for _ in range(REPEATS):
-        for name, run in runs.items():
-            (w5, c5), (w25, c25) = _timed(run, 5), _timed(run, 25)
-            rounds[name].append(((w25 - w5) / 20, (c25 - c5) / 20))
-    out = {name: {"step_cpu_s": min(c for _, c in r), "step_wall_s": min(w for w, _ in r),
-                  "rounds": r} for name, r in rounds.items()}
+    steps: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    order = list(runs)
+    for round_ in range(ROUNDS):
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            clock = clocks[name]
+            clock.clear()
+            runs[name](ROUND_STEPS)
+            # Intervals between consecutive steps, without the run's first step.
+            steps[name] += [(c2 - c1, w2 - w1) for (c1, w1), (c2, w2) in zip(clock[1:], clock[2:])]
+    out = {}
+    for name, intervals in steps.items():
+        cpu, wall = _quartiles([c for c, _ in intervals]), _quartiles([w for _, w in intervals])
+        out[name] = {"step_cpu_s": cpu["median"], "step_cpu_p10_s": cpu["p10"], "step_wall_s": wall["median"],
+                     "step_cpu_quartiles_s": [cpu["q1"], cpu["q3"]], "steps_timed": len(intervals)}
     out.update({name: {"error": msg} for name, msg in runs_failed.items()})
     return out
 
@@ -167,16 +191,34 @@ def time_worker(family: str, rank: int, checkpointing: bool) -> dict:
 runs_failed: dict[str, str] = {}
 
 
+def _peak_tensor_mb(run) -> float:
+    """Peak of the bytes held by CPU tensors during ``run(5)``, above its start, from PyTorch's
+    memory profiler (every allocation and free, in order: a count, not a sample)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        run(5)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        times, sizes = json.loads(Path(path).read_text())
+    totals = [sum(row) for row in sizes]
+    return (max(totals) - totals[0]) / 2**20 if totals else 0.0
+
+
 def memory_worker(family: str, run_name: str, rank: int, checkpointing: bool) -> dict:
     logging.disable(logging.INFO)
-    run = _make_run(family, run_name, rank, checkpointing)
+    run, _ = _make_run(family, run_name, rank, checkpointing)
     rss = _status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM to the current RSS
     try:
         run(5)
     except Exception as err:
         return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"}
-    return {"peak_rss_rise_mb": (_status_kb("VmHWM") - rss) / 1024}
+    out = {"peak_rss_rise_mb": (_status_kb("VmHWM") - rss) / 1024}
+    out["peak_tensor_mb"] = _peak_tensor_mb(run)   # the first run was its warm-up
+    return out
 
 
 def _spawn(family: str, run_name: str, rank: int, what: str, checkpointing: bool) -> dict:
@@ -195,7 +237,7 @@ def _ratios(rows: dict) -> dict:
         return None if x is None or y is None or y == 0 else round(x / y, 3)
 
     out = {}
-    for key in ("step_cpu_s", "step_wall_s", "peak_rss_rise_mb"):
+    for key in ("step_cpu_s", "step_cpu_p10_s", "step_wall_s", "peak_tensor_mb", "peak_rss_rise_mb"):
         out[f"tlora_vs_comfy_attention.{key}"] = ratio("ours:tlora", "comfy:attention", key)
         out[f"lora_vs_comfy_attention.{key}"] = ratio("ours:lora", "comfy:attention", key)
         out[f"tlora_vs_comfy_all.{key}"] = ratio("ours:tlora", "comfy:all", key)
@@ -222,7 +264,8 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 1},
-              "rank": args.rank, "latent": [IMAGES, SIZE, SIZE], "families": {}}
+              "rank": args.rank, "latent": [IMAGES, SIZE, SIZE], "rounds": ROUNDS,
+              "steps_per_round": ROUND_STEPS, "families": {}}
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
     for family in args.family:
         for checkpointing in settings if family == "sdxl" else [True]:
@@ -232,9 +275,7 @@ def main() -> None:
             for run_name in RUNS:
                 rows[run_name] = {**timing.get(run_name, timing),
                                   **_spawn(family, run_name, args.rank, "memory", checkpointing)}
-                rows[run_name].pop("rounds", None) if "error" in rows[run_name] else None
-                log.info("%s | %-22s %s", label, run_name,
-                         {k: v for k, v in rows[run_name].items() if k != "rounds"})
+                log.info("%s | %-22s %s", label, run_name, rows[run_name])
             report["families"][label] = {"runs": rows, "ratios": _ratios(rows)}
             for key, value in report["families"][label]["ratios"].items():
                 log.info("%s | %-42s %s", label, key, value)
