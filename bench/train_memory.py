@@ -3,7 +3,9 @@
 What is computed exactly, from the real module shapes:
 - base weights (params x bytes of the chosen base dtype), and the trainer's adapter memory for the
   recipe's variant and rank on the paper's attention targets (fp32 trainable factors, their
-  gradients, AdamW's two moments, and for Ortho variants the frozen init copies);
+  gradients, AdamW's two moments, and for Ortho variants the frozen init copies plus the per-step
+  factors ``[A; A - A0]``, ``[B S - B0 S0 | B0 S0]`` and their gradients, which the trainer builds
+  once per step: see ``training/modules.py``);
 - the bytes autograd saves for backward in one training forward (1024 x 1024 image, batch 1,
   compute dtype bf16, the training prompt's token count), with and without per-block gradient
   checkpointing, split into activations and attention matrices; and the activations of the
@@ -128,8 +130,12 @@ def adapter_bytes(family: str, variant: str, rank: int) -> dict:
     trainable = sum(rank * (t.rows + t.in_features) + (rank if ortho else 0) for t in targets)
     # fp32: parameters, gradients, AdamW exp_avg and exp_avg_sq; Ortho adds the frozen init copies.
     copies = 4 + (1 if ortho else 0)
+    # Ortho: each step's factors hold 2 x rank columns, alive through the step, and their gradients
+    # gather in backward (counted in full: conservative). Vanilla / LoRA factors are views.
+    step_factors = sum(2 * rank * (t.rows + t.in_features) for t in targets) if ortho else 0
     return {"base_params": sum(p.numel() for p in dm.parameters()), "targets": len(targets),
-            "trainable_params": trainable, "adapter_gib": trainable * 4 * copies / GIB}
+            "trainable_params": trainable, "adapter_gib": trainable * 4 * copies / GIB,
+            "step_factors_gib": step_factors * 4 * 2 / GIB}
 
 
 def main() -> None:
@@ -140,14 +146,16 @@ def main() -> None:
     for family, (variant, rank, base_dtype, tokens) in RECIPES.items():
         a = adapter_bytes(family, variant, rank)
         base_gib = a["base_params"] * torch.empty(0, dtype=base_dtype).element_size() / GIB
-        with_ckpt = saved_bytes(family, True, rank, tokens)
-        without = saved_bytes(family, False, rank, tokens)
+        # The trainer's per-layer product has 2 x rank columns for the Ortho variants.
+        width = 2 * rank if variant in ("tlora", "ortho") else rank
+        with_ckpt = saved_bytes(family, True, width, tokens)
+        without = saved_bytes(family, False, width, tokens)
         # bf16 copy of the largest block's weights: the per-forward casts alive at once (estimate).
         casts_gib = with_ckpt["largest_block_params"] * 2 / GIB
         # Recomputing one block in backward saves what that block saves without checkpointing.
         recompute_gib = without["largest_block_activations_gib"]
-        peak = base_gib + a["adapter_gib"] + with_ckpt["activations_gib"] + recompute_gib + \
-            casts_gib + CONTEXT_OVERHEAD_GIB
+        peak = base_gib + a["adapter_gib"] + a["step_factors_gib"] + with_ckpt["activations_gib"] + \
+            recompute_gib + casts_gib + CONTEXT_OVERHEAD_GIB
         with_ckpt.pop("largest_block_activations_gib")   # inside checkpoints nothing is seen
         report[family] = {"recipe": {"variant": variant, "rank": rank, "base_dtype": str(base_dtype),
                                      "compute_dtype": "bf16", "image": 1024, "text_tokens": tokens},
@@ -156,10 +164,11 @@ def main() -> None:
                           "estimated": {"transient_casts_gib": casts_gib,
                                         "context_and_allocator_gib": CONTEXT_OVERHEAD_GIB,
                                         "peak_with_checkpointing_gib": peak}}
-        log.info("%s %s r%d, base %s: base %.2f GiB, adapters+grads+AdamW %.2f GiB, saved activations "
+        log.info("%s %s r%d, base %s: base %.2f GiB, adapters+grads+AdamW %.2f GiB, per-step factors "
+                 "and their gradients %.2f GiB, saved activations "
                  "%.2f GiB with checkpointing (+%.2f GiB largest block recompute) / %.2f GiB without "
                  "(+%.2f GiB attention matrices a math SDPA would keep); estimated peak %.1f GiB",
-                 family, variant, rank, base_dtype, base_gib, a["adapter_gib"],
+                 family, variant, rank, base_dtype, base_gib, a["adapter_gib"], a["step_factors_gib"],
                  with_ckpt["activations_gib"], recompute_gib,
                  without["activations_gib"], without["attention_matrices_gib"], peak)
     out = REPO / "bench" / "results"
