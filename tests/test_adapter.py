@@ -163,3 +163,20 @@ def test_adapter_shape_validation():
         LowRankAdapter(down=torch.randn(3, 5), up=torch.randn(6, 3), rank_index=torch.arange(3), parts=2)
     with pytest.raises(ValueError, match="out_rows"):
         LowRankAdapter(down=torch.randn(3, 5), up=torch.randn(6, 3), rank_index=torch.arange(3), out_rows=(0, 4))
+
+
+def test_hold_keeps_the_call_masks_until_it_ends():
+    # Training on a MODEL carrying a T-LoRA: layers re-run in backward must see the call's masks.
+    state = RankState()
+    schedule = RankSchedule(8, 2)
+    t = torch.tensor([900.0, 100.0])
+    with state.hold():
+        with state.hold():   # nested holds: only the outermost end clears
+            with state.at(t):
+                during = state.active(schedule).clone()
+            assert torch.equal(state.active(schedule), during)
+        assert torch.equal(state.timesteps, t)
+    assert state.timesteps is None and state.active(schedule) is None
+    with state.at(t):   # without a hold, the call clears as before
+        pass
+    assert state.timesteps is None

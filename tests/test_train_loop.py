@@ -270,3 +270,31 @@ def test_each_sample_gets_the_mask_of_its_own_timestep(tl):
     for g_a, g_b, g_s in zip(*[iter(grads["high"])] * 3):
         assert torch.count_nonzero(g_a[min_rank:]) == 0 and torch.count_nonzero(g_b[:, min_rank:]) == 0
         assert torch.count_nonzero(g_s[min_rank:]) == 0
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_training_on_a_model_that_already_carries_a_tlora(family):
+    """Train a second T-LoRA on the output of T-LoRA Loader: the first one stays active during
+    training, the input MODEL is left as it was, and the stacked result lowers the loss."""
+    model, latents, positive = th.node_inputs(family)
+    settings = {"variant": "tlora", "rank": 4, "min_rank": 2, "learning_rate": 3e-2}
+    first = th.train(model, latents, positive, steps=20, seed=0, gradient_checkpointing=False, **settings)
+    carrying = th.apply(model, first.weights)
+    base_loss = th.fixed_pair_loss(model, latents, positive)
+    carrying_loss = th.fixed_pair_loss(carrying, latents, positive)
+    assert carrying_loss != base_loss
+    # An Ortho run's first step changes nothing, so its loss is that of the MODEL it trains on.
+    step0 = {name: th.train(m, latents, positive, steps=1, seed=1, **settings).losses[0]
+             for name, m in (("base", model), ("carrying", carrying))}
+    assert step0["base"] != step0["carrying"], "the first T-LoRA was not active during training"
+    before = th.snapshot(carrying)
+    second = th.train(carrying, latents, positive, steps=30, seed=1, gradient_checkpointing=True, **settings)
+    th.assert_restored(before, carrying)
+    assert th.fixed_pair_loss(carrying, latents, positive) == carrying_loss
+    stacked = th.fixed_pair_loss(th.apply(carrying, second.weights), latents, positive)
+    assert stacked < carrying_loss - 1e-3, (carrying_loss, stacked)
+    # Checkpointing re-runs the first T-LoRA's layers in backward: they must see the same masks.
+    short = {ckpt: th.train(carrying, latents, positive, steps=3, seed=2, gradient_checkpointing=ckpt,
+                            **settings) for ckpt in (False, True)}
+    # The same computation recomputed: float32 summation order in the backward only.
+    torch.testing.assert_close(short[True].losses, short[False].losses, rtol=1e-5, atol=0)

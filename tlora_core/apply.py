@@ -37,6 +37,7 @@ class RankState:
         self._uniform: dict[RankSchedule, int | None] = {}
         self._host_timesteps: torch.Tensor | None = None
         self._warned_unset = False
+        self._holds = 0
 
     def set(self, timesteps: torch.Tensor | None) -> None:
         """Start a model call at these per-sample timesteps (None: every column active)."""
@@ -52,12 +53,27 @@ class RankState:
 
     @contextmanager
     def at(self, timesteps: torch.Tensor | None):
-        """``with state.at(t): model(x)`` sets the timesteps for one call and always clears them."""
+        """``with state.at(t): model(x)`` sets the timesteps for one call and always clears them
+        (at the end of the outermost ``hold`` if one is open)."""
         self.set(timesteps)
         try:
             yield self
         finally:
-            self.clear()
+            if not self._holds:
+                self.clear()
+
+    @contextmanager
+    def hold(self):
+        """Keep the timesteps of the calls made inside this block until it ends. For training on a
+        MODEL that carries this T-LoRA: gradient checkpointing re-runs its layers during backward,
+        after the call, and they must see that call's masks again."""
+        self._holds += 1
+        try:
+            yield self
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self.clear()
 
     def active(self, schedule: RankSchedule) -> torch.Tensor | None:
         if self.timesteps is None:

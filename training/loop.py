@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 
 import comfy.model_management
 import torch
 
 from ..tlora_core.adapter import RankSchedule
+from ..tlora_core.apply import RankState
 from ..tlora_core.weights import TLoRAWeights
 from . import state as state_io
 from .inputs import TrainingData, architecture_of
@@ -131,6 +133,18 @@ def _optimizer(adapters: AdapterSet, config: TrainConfig, device: torch.device) 
                              weight_decay=config.weight_decay, fused=fused)
 
 
+@contextmanager
+def _holding_loaded_tloras(patcher) -> Iterator[None]:
+    """Keep the rank masks of T-LoRAs already on the MODEL (a T-LoRA Loader's output) through the
+    step's backward, where gradient checkpointing re-runs their layers after the model call."""
+    with ExitStack() as stack:
+        for holder in patcher.attachments.values():
+            state = getattr(holder, "state", None)
+            if isinstance(state, RankState):
+                stack.enter_context(state.hold())
+        yield
+
+
 def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: NativePredictor,
                 adapters: AdapterSet, optimizer, device) -> float:
     model = predictor.patcher.model
@@ -144,14 +158,15 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
     x_t, target = noisy_input_and_target(ms, x0, noise, sigma)
     adapters.begin_step(t_schedule.to(device))
     try:
-        pred = predictor(x_t, sigma, conds)
-        loss = weighted_mse(pred, target, weights)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"the loss became {value} at step {step + 1}; nothing was saved from this run. "
-                "Lower the learning rate, train in fp32/bf16 instead of fp16, or check the inputs.")
-        loss.backward()
+        with _holding_loaded_tloras(predictor.patcher):
+            pred = predictor(x_t, sigma, conds)
+            loss = weighted_mse(pred, target, weights)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"the loss became {value} at step {step + 1}; nothing was saved from this run. "
+                    "Lower the learning rate, train in fp32/bf16 instead of fp16, or check the inputs.")
+            loss.backward()
     finally:
         adapters.end_step()
     if config.max_grad_norm > 0:
