@@ -121,21 +121,18 @@ def saved_bytes(family: str, checkpointing: bool, rank: int, tokens: int) -> dic
 
 
 def adapter_bytes(family: str, variant: str, rank: int) -> dict:
+    from comfyui_tlora.training.modules import adapter_memory
     from comfyui_tlora.training.targets import find_targets
 
     config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
     dm = comfy_runtime.build_model(family, config, device="meta").diffusion_model
     targets = find_targets(dm, family)
-    ortho = variant in ("tlora", "ortho")
-    trainable = sum(rank * (t.rows + t.in_features) + (rank if ortho else 0) for t in targets)
-    # fp32: parameters, gradients, AdamW exp_avg and exp_avg_sq; Ortho adds the frozen init copies.
-    copies = 4 + (1 if ortho else 0)
-    # Ortho: each step's factors hold 2 x rank columns, alive through the step, and their gradients
-    # gather in backward (counted in full: conservative). Vanilla / LoRA factors are views.
-    step_factors = sum(2 * rank * (t.rows + t.in_features) for t in targets) if ortho else 0
+    # The trainer's own figure (it asks ComfyUI for this much room before training). Ortho's step
+    # factors: alive through the step, their gradients gather in backward (counted in full).
+    need = adapter_memory(targets, variant, rank)
     return {"base_params": sum(p.numel() for p in dm.parameters()), "targets": len(targets),
-            "trainable_params": trainable, "adapter_gib": trainable * 4 * copies / GIB,
-            "step_factors_gib": step_factors * 4 * 2 / GIB}
+            "trainable_params": need["trainable_params"], "adapter_gib": need["state_bytes"] / GIB,
+            "step_factors_gib": need["step_factor_bytes"] / GIB}
 
 
 def main() -> None:

@@ -151,6 +151,23 @@ def test_one_step_factor_node_matches_the_per_adapter_autograd_graph(tr, rank):
             assert torch.count_nonzero(got.narrow(axis, 3, 3)) == 0
 
 
+@pytest.mark.parametrize("variant", ["tlora", "ortho", "vanilla", "lora"])
+def test_adapter_memory_counts_what_a_run_allocates(tr, variant):
+    """The bytes the trainer asks ComfyUI to free match the tensors a run really holds."""
+    found = [tr.targets.TrainTarget(f"l{i}", None, rows, width) for i, (rows, width) in
+             enumerate([(24, 20), (16, 12)])]
+    adapters = tr.modules.AdapterSet(found, variant, 6, seed=0)
+    params = sum(p.numel() for p in adapters.parameters())
+    buffers = sum(b.numel() for b in adapters.buffers())
+    ortho = variant in ("tlora", "ortho")   # other variants' factors are views of the parameters
+    factors = sum(t.numel() for a in adapters.adapters for t in a.factors(None)) if ortho else 0
+    need = tr.modules.adapter_memory(found, variant, 6)
+    assert need["trainable_params"] == params
+    # fp32 parameters, gradients, two AdamW moments, frozen buffers; factors and their gradients.
+    assert need["state_bytes"] == 4 * (4 * params + buffers)
+    assert need["step_factor_bytes"] == 4 * 2 * factors
+
+
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
 def test_sliced_rank_equals_the_mask(tr, variant):
     adapter = _perturbed(tr, variant)

@@ -298,3 +298,24 @@ def test_training_on_a_model_that_already_carries_a_tlora(family):
                             **settings) for ckpt in (False, True)}
     # The same computation recomputed: float32 summation order in the backward only.
     torch.testing.assert_close(short[True].losses, short[False].losses, rtol=1e-5, atol=0)
+
+
+def test_training_asks_comfyui_for_room_for_the_adapters(tl, monkeypatch):
+    """Before loading, the trainer tells ComfyUI how much it needs beside the weights, so other
+    models (text encoders, VAE) are unloaded from the GPU first, as before sampling."""
+    import comfy.model_management
+
+    loop, modules, _, _, targets = tl
+    model, latents, positive = th.node_inputs("sdxl")
+    calls = []
+    original = comfy.model_management.load_models_gpu
+
+    def recording(models, *args, **kwargs):
+        calls.append(kwargs.get("memory_required", 0))
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording)
+    th.train(model, latents, positive, variant="tlora", rank=4, min_rank=2, steps=1, seed=0,
+             gradient_checkpointing=False)
+    need = modules.adapter_memory(targets.find_targets(model.model.diffusion_model, "sdxl"), "tlora", 4)
+    assert calls and calls[0] == need["state_bytes"] + need["step_factor_bytes"] > 0

@@ -28,7 +28,7 @@ from ..tlora_core.apply import RankState
 from ..tlora_core.weights import TLoRAWeights
 from . import state as state_io
 from .inputs import TrainingData, architecture_of
-from .modules import MASKED_VARIANTS, AdapterSet, StepMasks
+from .modules import MASKED_VARIANTS, AdapterSet, StepMasks, adapter_memory
 from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
 from .prepare import needs_checkpointing, trainable_model
 from .targets import find_targets
@@ -188,12 +188,13 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
     checkpointing = config.gradient_checkpointing or needs_checkpointing(dm)
     if checkpointing and not config.gradient_checkpointing:
         log.info("T-LoRA Train: gradient checkpointing forced on (FLUX blocks update in place)")
+    targets = find_targets(dm, architecture, config.scope)
+    need = adapter_memory(targets, config.variant, config.rank)
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
-            patcher, gradient_checkpointing=checkpointing,
-            compute_dtype=COMPUTE_DTYPES[config.compute_dtype]) as tp:
+            patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
+            memory_required=need["state_bytes"] + need["step_factor_bytes"]) as tp:
         device = tp.load_device
-        adapters = AdapterSet(find_targets(tp.model.diffusion_model, architecture, config.scope),
-                              config.variant, config.rank, config.seed, config.ortho_mode).to(device)
+        adapters = AdapterSet(targets, config.variant, config.rank, config.seed, config.ortho_mode).to(device)
         optimizer = _optimizer(adapters, config, device)
         losses: list[float] = []
         start = 0

@@ -162,19 +162,22 @@ def _install_checkpointing(dm: torch.nn.Module, undo: _Restorer) -> int:
 
 @contextmanager
 def trainable_model(patcher, *, gradient_checkpointing: bool,
-                    compute_dtype: torch.dtype | None = None) -> Iterator:
+                    compute_dtype: torch.dtype | None = None, memory_required: int = 0) -> Iterator:
     """Yield a loaded clone of ``patcher`` whose diffusion model can be backpropagated through.
 
     Must be entered with inference mode off and grad on (the caller's training context). The
     clone is what the caller attaches training hooks to; ``patcher`` itself is never modified.
     ``compute_dtype``: run the base in this dtype (ComfyUI casts weights per layer), None = as is.
+    ``memory_required``: bytes the trainer will need beside the weights; ComfyUI unloads other
+    models (text encoders, VAE) from the device to make room, as it does before sampling.
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("trainable_model needs torch.inference_mode(False) and torch.enable_grad()")
     train_patcher = patcher.clone()
     if compute_dtype is not None:
         train_patcher.set_model_compute_dtype(compute_dtype)
-    comfy.model_management.load_models_gpu([train_patcher], force_full_load=True)
+    comfy.model_management.load_models_gpu([train_patcher], memory_required=memory_required,
+                                           force_full_load=True)
     train_patcher.pre_run()
     dm = train_patcher.model.diffusion_model
     undo = _Restorer()
