@@ -29,7 +29,10 @@ the peak of the bytes held by tensors during a 5-step run above its start, count
 allocation and free by PyTorch's memory profiler (after a 5-step warm-up; on a GPU this is what
 ``max_memory_allocated`` reports), and ``peak_rss_rise_mb``, the rise of the process's peak
 resident set size (VmHWM, reset through /proc/self/clear_refs) during the first 5-step run, which
-also counts the libraries' own first-use allocations. These are CPU figures on a toy model; they
+also counts the libraries' own first-use allocations. The mask's cost is also accounted directly
+(``mask_cost_<masked>_vs_<twin>.accounted``): the per-step work only the masked variant does,
+timed alone (:func:`mask_work`), added to its unmasked twin's median step; whole steps of two
+variants differ by less than this machine's drift. These are CPU figures on a toy model; they
 compare the two loops, not GPU behaviour. Results:
 ``bench/results/bench_train.json`` (git-ignored).
 
@@ -185,10 +188,41 @@ def time_worker(family: str, rank: int, checkpointing: bool) -> dict:
         out[name] = {"step_cpu_s": cpu["median"], "step_cpu_p10_s": cpu["p10"], "step_wall_s": wall["median"],
                      "step_cpu_quartiles_s": [cpu["q1"], cpu["q3"]], "steps_timed": len(intervals)}
     out.update({name: {"error": msg} for name, msg in runs_failed.items()})
+    out["mask_work_s"] = mask_work(family, rank)
     return out
 
 
 runs_failed: dict[str, str] = {}
+
+
+def mask_work(family: str, rank: int, repeats: int = 15) -> dict:
+    """CPU seconds per step of each variant's own per-step adapter work, outside the layers: the
+    step's rank masks, building the factors (slices of the active columns; Ortho's products) and
+    their backward, over 20 timesteps spread across [0, 999]. The difference between a masked
+    variant and its unmasked twin is what the mask adds to a step beside the layers, where it only
+    removes columns; unlike a whole step it is small enough to time without the machine's drift."""
+    import torch
+
+    model, _, _ = _setup(family, False)
+    from comfyui_tlora.training import loop, modules, targets
+    found = targets.find_targets(model.model.diffusion_model, family)
+    out = {}
+    for variant in ("vanilla", "lora", "tlora", "ortho"):
+        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=max(1, rank // 2))
+        adapters = modules.AdapterSet(found, variant, rank, seed=0)
+        adapters.attach(model.model.diffusion_model, modules.StepMasks(config.schedule(), torch.device("cpu")))
+        best = float("inf")
+        with torch.enable_grad():
+            for _ in range(repeats):
+                start = time.process_time()
+                for t in torch.linspace(0, 999, 20):
+                    adapters.begin_step(t.reshape(1))
+                    sum(f.sum() for a in adapters.adapters for f in a.step_factors[1]).backward()
+                    adapters.end_step()
+                best = min(best, (time.process_time() - start) / 20)
+        adapters.detach()
+        out[variant] = best
+    return out
 
 
 def _peak_tensor_mb(run) -> float:
@@ -276,7 +310,15 @@ def main() -> None:
                 rows[run_name] = {**timing.get(run_name, timing),
                                   **_spawn(family, run_name, args.rank, "memory", checkpointing)}
                 log.info("%s | %-22s %s", label, run_name, rows[run_name])
-            report["families"][label] = {"runs": rows, "ratios": _ratios(rows)}
+            ratios = _ratios(rows)
+            work = timing.get("mask_work_s", {})
+            # The mask's own work added to the unmasked twin's median step (see mask_work).
+            for masked, twin in (("vanilla", "lora"), ("tlora", "ortho")):
+                step = rows.get(f"ours:{twin}", {}).get("step_cpu_s")
+                if step and masked in work:
+                    ratios[f"mask_cost_{masked}_vs_{twin}.accounted"] = \
+                        round((step + work[masked] - work[twin]) / step, 4)
+            report["families"][label] = {"runs": rows, "ratios": ratios, "mask_work_s": work}
             for key, value in report["families"][label]["ratios"].items():
                 log.info("%s | %-42s %s", label, key, value)
     RESULTS.mkdir(parents=True, exist_ok=True)
