@@ -100,13 +100,12 @@ class LowRankAdapter:
 
 
 def lowrank_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                  mask: torch.Tensor | None = None, parts: int = 1,
-                  scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_p up_p @ diag(scale * mask_b) @ down_p @ x_b`` in ``down``'s dtype.
+                  mask: torch.Tensor | None = None, parts: int = 1) -> torch.Tensor:
+    """``sum_p up_p @ diag(mask_b) @ down_p @ x_b`` in ``down``'s dtype.
 
     Args:
         x: (B, ..., m) input of the base layer (any float dtype; converted to ``down``'s dtype).
-        down: (k, m). up: (n, k). scale: optional (k,) per-column scale.
+        down: (k, m). up: (n, k).
         mask: optional (B, k) or (1, k) per-sample column mask.
         parts: number of equal contiguous column parts whose outputs are summed separately.
     Returns:
@@ -117,10 +116,7 @@ def lowrank_delta(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
         if mask.shape[0] not in (1, h.shape[0]):
             raise ValueError(f"mask has {mask.shape[0]} samples but the layer input has "
                              f"{h.shape[0]}; per-sample masks need matching batch sizes")
-        col = mask if scale is None else mask * scale
-        h = h * col.to(h.dtype).reshape(col.shape[0], *([1] * (h.ndim - 2)), col.shape[-1])
-    elif scale is not None:
-        h = h * scale.to(h.dtype)
+        h = h * mask.to(h.dtype).reshape(mask.shape[0], *([1] * (h.ndim - 2)), mask.shape[-1])
     if parts == 1:
         return torch.nn.functional.linear(h, up)
     k = down.shape[0] // parts

@@ -150,8 +150,8 @@ class TrainableAdapter(torch.nn.Module):
                                     dtype=ADAPTER_DTYPE)
             self.down = torch.nn.Parameter(down.detach().clone())
             self.up = torch.nn.Parameter(up.detach().clone())
-        # (rank, factors(rank)) of the current training step, set by AdapterSet.begin_step.
-        self.step_factors: tuple[int | None, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # factors(rank) of the current training step's rank, set by AdapterSet.begin_step.
+        self.step_factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def parts(self) -> int:
@@ -313,10 +313,10 @@ class AdapterSet(torch.nn.Module):
             built = _OrthoStepFactors.apply(rank, [(a.A_init, a.B_init, a.S_init) for a in ortho],
                                             *[p for a in ortho for p in (a.A, a.B, a.S)])
             for i, adapter in enumerate(ortho):
-                adapter.step_factors = (rank, (built[2 * i], built[2 * i + 1]))
+                adapter.step_factors = (built[2 * i], built[2 * i + 1])
         for adapter in self.adapters:
             if not adapter.ortho:
-                adapter.step_factors = (rank, adapter.factors(rank))
+                adapter.step_factors = adapter.factors(rank)
 
     def end_step(self) -> None:
         """Clear the step's masks and drop its factors (and the autograd graph they hold)."""
@@ -333,17 +333,12 @@ class AdapterSet(torch.nn.Module):
                 for name, group in self.by_module().items()}
 
 
-def _current(adapter: TrainableAdapter, rank: int | None):
-    """The factors built by ``begin_step`` for ``rank``; None (build them here) without one."""
-    step = adapter.step_factors
-    return step[1] if step is not None and step[0] == rank else None
-
-
 def _training_hook(group: list[TrainableAdapter], masks: StepMasks):
     def forward_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
         mask, rank = masks.get()
-        deltas = [(a.target.out_rows, a.delta(x, mask, rank, _current(a, rank))) for a in group]
+        # Without begin_step (masks set directly) each layer builds its factors itself.
+        deltas = [(a.target.out_rows, a.delta(x, mask, rank, a.step_factors)) for a in group]
         return _add_rows(output, deltas)
 
     return forward_hook
