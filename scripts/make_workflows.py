@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate the example workflows in ``workflows/`` from the node schemas.
 
-Run after changing a node's inputs:  .runtime/venv/bin/python scripts/make_workflows.py
+Run after changing a node's inputs:  .runtime/0.3.75/venv/bin/python scripts/make_workflows.py
 (``--check`` only reports whether the committed files are up to date). The schemas come from the
 real ComfyUI runtime in-process (built-in nodes + this pack), nothing is read from the network, and
 every default not stated here is the node's own, so the files cannot drift from the nodes.

