@@ -1,7 +1,7 @@
 """The real ComfyUI runtime for tests, the demo and benchmarks: bootstrap, tiny models, sampling.
 
 ``bootstrap()`` puts the ComfyUI root first on ``sys.path`` (from ``COMFYUI_ROOT``, else the
-runtime that ``scripts/setup_runtime.sh`` provisions in ``.runtime/ComfyUI``), forces CPU, and
+runtime that ``scripts/setup_runtime.sh`` provisions in ``.runtime/0.3.75/ComfyUI``), forces CPU, and
 imports the pack as the package ``comfyui_tlora`` so tests use the same module objects that the
 nodes use. Tiny SDXL / FLUX models are built from ComfyUI's own model classes with seeded weights;
 the real-size ones on torch's meta device give real module names and shapes without memory.
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+import comfy_compat
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui_tlora"
@@ -59,7 +61,7 @@ _BOOTSTRAPPED = False
 
 
 def comfyui_root() -> Path:
-    root = Path(os.environ.get("COMFYUI_ROOT") or REPO / ".runtime" / "ComfyUI")
+    root = Path(os.environ.get("COMFYUI_ROOT") or REPO / ".runtime" / "0.3.75" / "ComfyUI")
     if not (root / "nodes.py").is_file():
         raise RuntimeError(
             f"No ComfyUI at {root}. Run scripts/setup_runtime.sh, or set COMFYUI_ROOT to a ComfyUI "
@@ -87,6 +89,7 @@ def bootstrap() -> None:
     import comfy.model_management  # noqa: F401
     import utils.extra_config  # noqa: F401
 
+    comfy_compat.configure()
     import_pack()
     _BOOTSTRAPPED = True
 
@@ -130,6 +133,24 @@ def _fill_seeded(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
                 param.copy_(std * torch.randn(param.shape, generator=gen))
 
 
+def family_model_config(family: str, config: dict[str, Any] | None = None):
+    """ComfyUI's model config object (``comfy.supported_models``) for ``family`` at ``config``
+    (default: the tiny config), completed with what this runtime's model classes require."""
+    bootstrap()
+    import comfy.supported_models
+
+    if family == "sdxl":
+        config = dict(config or TINY_SDXL_CONFIG)
+        model_config = comfy.supported_models.SDXL(config)
+        if config.get("num_head_channels") is None:
+            # The SDXL class forces 64-channel heads; tiny widths need smaller ones.
+            model_config.unet_config["num_head_channels"] = 16
+        return model_config
+    if family == "flux":
+        return comfy.supported_models.Flux(comfy_compat.flux_config(config or TINY_FLUX_CONFIG))
+    raise ValueError(f"unknown model family {family!r}")
+
+
 def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A ComfyUI ModelPatcher around an SDXL or FLUX model built from ComfyUI's classes.
@@ -140,18 +161,8 @@ def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0
     bootstrap()
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
 
-    if family == "sdxl":
-        config = dict(config or TINY_SDXL_CONFIG)
-        model_config = comfy.supported_models.SDXL(config)
-        if config.get("num_head_channels") is None:
-            # The SDXL class forces 64-channel heads; tiny widths need smaller ones.
-            model_config.unet_config["num_head_channels"] = 16
-    elif family == "flux":
-        model_config = comfy.supported_models.Flux(dict(config or TINY_FLUX_CONFIG))
-    else:
-        raise ValueError(f"unknown model family {family!r}")
+    model_config = family_model_config(family, config)
     model_config.set_inference_dtype(dtype, None)
     if str(device) == "meta":
         with torch.device("meta"):
@@ -225,7 +236,15 @@ def run_prompt(prompt: dict, outputs: list[str] | None = None) -> tuple[Any, _Pr
         raise AssertionError(f"prompt failed validation: {valid[1]} {valid[3]}")
     server = _PromptServer()
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
-                                       cache_args={"lru": 0, "ram": 0})
+                                       cache_args=dict(comfy_compat.EXECUTOR_CACHE_ARGS))
     prompt_id = str(uuid.uuid4())
     executor.execute(prompt, prompt_id, {"client_id": "tests"}, outputs or valid[2])
     return executor, server
+
+
+def node_output(executor, node_id: str, slot: int = 0):
+    """The first value of output ``slot`` of node ``node_id`` after :func:`run_prompt`."""
+    entry = comfy_compat.cached_output(executor, node_id)
+    if entry is None:
+        raise AssertionError(f"node {node_id} has no cached output (did it run?)")
+    return entry.outputs[slot][0]

