@@ -1,13 +1,21 @@
 """Making a ComfyUI MODEL trainable in-process, and putting everything back afterwards.
 
-ComfyUI 0.3.75 runs nodes under ``torch.inference_mode()``, so a MODEL loaded by a node has
-*inference tensors* as parameters and backward through them fails ("Inference tensors cannot be
-saved for backward"). :func:`trainable_model` works around that without changing the MODEL:
+ComfyUI runs nodes under ``torch.inference_mode()``, so a MODEL loaded by a node has *inference
+tensors* as parameters and backward through them fails ("Inference tensors cannot be saved for
+backward"). :func:`trainable_model` works around that without changing the MODEL:
 
+- ComfyUI's process-wide training switches are set for the run and restored on every exit
+  (:func:`comfy_training_flags`; they exist from ComfyUI 0.33 on);
 - it trains on a ``clone()`` of the ModelPatcher (the caller's patcher gets no new patch), loaded
-  through ComfyUI's own ``load_models_gpu`` so LoRAs merged upstream are part of the base;
-- comfy-op layers (Linear, Conv, norms) whose weight / bias is an inference tensor get an identity
-  ``weight_function`` / ``bias_function``: ComfyUI then casts a fresh, ordinary copy per forward;
+  through ComfyUI's own ``load_models_gpu`` so LoRAs merged upstream are part of the base. A
+  dynamic-VRAM patcher (ComfyUI 0.33+ on a GPU) streams weights through a cache whose tensors can
+  be handed to a layer as they are, so training uses ComfyUI's non-dynamic delegate of it
+  (``clone(disable_dynamic=True)``: the model re-loaded by its own loader, as ComfyUI's trainer
+  does with ``force_deepcopy``);
+- comfy-op layers (Linear, Conv, norms) whose weight / bias is an inference tensor get a
+  ``weight_function`` / ``bias_function`` that hands on an ordinary tensor: ComfyUI's cast makes a
+  fresh copy per forward once a layer has a function, and a copy that is still an inference
+  tensor (a cached weight) is cloned outside inference mode;
 - other inference parameters (FLUX's QK-norm scales) are swapped for ordinary clones;
 - every base parameter gets ``requires_grad = False`` (ComfyUI creates them with True, which would
   send gradients into the base weights);
@@ -33,8 +41,46 @@ import torch.utils.checkpoint
 log = logging.getLogger(__name__)
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+# ComfyUI's process-wide training switches (module attributes of comfy.model_management, absent
+# before 0.33) and their values during a T-LoRA run:
+# - in_training: True makes FLUX-style RoPE (and other comfy_kitchen kernels without an autograd
+#   formula) take their differentiable pure-torch path;
+# - training_fp8_bwd: False keeps the backward of quantized (fp8) layers in the compute dtype; it
+#   is left set by ComfyUI's own trainer when its quantized_backward option was used.
+TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
+
+
+@contextmanager
+def comfy_training_flags() -> Iterator[None]:
+    """Set :data:`TRAINING_FLAGS` where this ComfyUI has them; restore the old values on any exit."""
+    mm = comfy.model_management
+    saved = {name: getattr(mm, name) for name in TRAINING_FLAGS if hasattr(mm, name)}
+    try:
+        for name in saved:
+            setattr(mm, name, TRAINING_FLAGS[name])
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mm, name, value)
+
+
+def _training_clone(patcher):
+    """A clone to train on: a plain clone, or the non-dynamic delegate of a dynamic-VRAM patcher."""
+    is_dynamic = getattr(patcher, "is_dynamic", None)
+    if not (callable(is_dynamic) and is_dynamic()):
+        return patcher.clone()
+    if getattr(patcher, "cached_patcher_init", None) is None:
+        raise RuntimeError(
+            "T-LoRA Train: this MODEL uses ComfyUI's dynamic VRAM loading but was not made by a core "
+            "loader (Load Checkpoint, Load Diffusion Model), so ComfyUI cannot give a trainable copy "
+            "of it. Load it with a core loader, or start ComfyUI with --disable-dynamic-vram.")
+    log.info("T-LoRA Train: training on the non-dynamic copy of a dynamic-VRAM model")
+    return patcher.clone(disable_dynamic=True)
+
+
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    # Runs with inference mode off (trainable_model's contract), so the clone is an ordinary tensor.
+    return tensor.clone() if tensor.is_inference() else tensor
 
 
 def _is_comfy_op(module: torch.nn.Module) -> bool:
@@ -109,8 +155,8 @@ def _freeze_parameters(dm: torch.nn.Module, undo: _Restorer) -> None:
 
 
 def _make_backward_safe(dm: torch.nn.Module, undo: _Restorer) -> tuple[int, int]:
-    """Identity wrappers on comfy ops' inference weight / bias; clones of other inference params
-    (small: norm scales, fp8 scales)."""
+    """:func:`_ordinary` wrappers on comfy ops' inference weight / bias; clones of other inference
+    params (small: norm scales, fp8 scales)."""
     wrapped = cloned = 0
     for module in dm.modules():
         wrappable = ()
@@ -121,7 +167,7 @@ def _make_backward_safe(dm: torch.nn.Module, undo: _Restorer) -> tuple[int, int]
                 if isinstance(tensor, torch.Tensor) and tensor.is_inference():
                     had_own = fn_attr in module.__dict__
                     old = getattr(module, fn_attr)
-                    setattr(module, fn_attr, list(old) + [_identity])
+                    setattr(module, fn_attr, list(old) + [_ordinary])
                     undo.push(_restore_attr(module, fn_attr, old, had_own))
                     wrapped += 1
         for name, param in list(module._parameters.items()):
@@ -173,19 +219,19 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("trainable_model needs torch.inference_mode(False) and torch.enable_grad()")
-    train_patcher = patcher.clone()
-    if compute_dtype is not None:
-        train_patcher.set_model_compute_dtype(compute_dtype)
-    comfy.model_management.load_models_gpu([train_patcher], memory_required=memory_required,
-                                           force_full_load=True)
-    train_patcher.pre_run()
-    dm = train_patcher.model.diffusion_model
-    undo = _Restorer()
     with ExitStack() as stack:
+        stack.enter_context(comfy_training_flags())
+        train_patcher = _training_clone(patcher)
         if compute_dtype is not None:
+            train_patcher.set_model_compute_dtype(compute_dtype)
             # The compute dtype is an object patch on the shared BaseModel: take it off again
             # (weights stay loaded; ComfyUI's next load of any clone re-checks everything).
             stack.callback(train_patcher.unpatch_model, unpatch_weights=False)
+        comfy.model_management.load_models_gpu([train_patcher], memory_required=memory_required,
+                                               force_full_load=True)
+        train_patcher.pre_run()
+        dm = train_patcher.model.diffusion_model
+        undo = _Restorer()
         stack.callback(undo.undo)
         _freeze_parameters(dm, undo)
         wrapped, cloned = _make_backward_safe(dm, undo)
