@@ -69,8 +69,9 @@ def comfyui_root() -> Path:
     return root
 
 
-def bootstrap() -> None:
-    """Make ComfyUI importable in this process on the CPU, and import the pack."""
+def bootstrap(cpu: bool = True) -> None:
+    """Make ComfyUI importable in this process, on the CPU unless ``cpu=False`` (device scripts
+    under bench/; the first call decides), and import the pack."""
     global _BOOTSTRAPPED
     if _BOOTSTRAPPED:
         return
@@ -82,7 +83,7 @@ def bootstrap() -> None:
     comfy.options.args_parsing = False
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     comfy.cli_args.args.disable_all_custom_nodes = False
     # Must come before `nodes`: it puts ComfyUI/comfy first on sys.path, after which a bare
     # `import utils` would find comfy/utils.py.
