@@ -93,6 +93,13 @@ def test_reference_sdxl_attention_layers_all_map_with_their_shapes(config, inven
     ("single_transformer_blocks.0.proj_mlp", "single_blocks.0.linear1", (9216, 21504)),
     ("single_transformer_blocks.0.proj_out", "single_blocks.0.linear2", None),
     ("x_embedder", "img_in", None), ("proj_out", "final_layer.linear", None),
+    # the aliases ComfyUI 0.33+ maps as well (flux_to_diffusers): whole modules, no rows
+    ("transformer_blocks.2.ff.linear_in", "double_blocks.2.img_mlp.0", None),
+    ("transformer_blocks.2.ff.linear_out", "double_blocks.2.img_mlp.2", None),
+    ("transformer_blocks.2.ff_context.linear_in", "double_blocks.2.txt_mlp.0", None),
+    ("transformer_blocks.2.ff_context.linear_out", "double_blocks.2.txt_mlp.2", None),
+    ("single_transformer_blocks.5.attn.to_qkv_mlp_proj", "single_blocks.5.linear1", None),
+    ("single_transformer_blocks.5.attn.to_out", "single_blocks.5.linear2", None),
 ])
 def test_flux_known_names(name, module, rows):
     target = keys.flux_diffusers_to_bfl(name, keys.FluxDims.from_inventory(REAL_FLUX))
@@ -143,6 +150,9 @@ def test_flattened_flux_names_resolve_to_rows():
     assert index.resolve("double_blocks_0_img_attn_qkv") == keys.Target("double_blocks.0.img_attn.qkv")
     assert index.resolve("single_blocks.2.linear1_qkv") == keys.Target("single_blocks.2.linear1", (0, 9216))
     assert index.resolve("double_blocks_19_img_attn_qkv") is None
+    assert index.resolve("single_transformer_blocks_1_attn_to_qkv_mlp_proj") == keys.Target(
+        "single_blocks.1.linear1")
+    assert index.resolve("transformer_blocks_0_ff_context_linear_in") == keys.Target("double_blocks.0.txt_mlp.0")
 
 
 def test_module_index_refuses_models_it_does_not_know():

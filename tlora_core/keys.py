@@ -11,7 +11,10 @@ rows ``[q | k | v | mlp]``).
 - SDXL: diffusers UNet names (``down_blocks.1.attentions.0...``) <-> LDM names, for any UNet whose
   layout (residual blocks per level, which blocks carry a transformer) is read off the inventory,
   so it serves the real SDXL and the tests' tiny one alike. Inside a transformer the names agree.
-- FLUX: diffusers names -> (BFL module, rows), hidden and MLP widths read off the inventory.
+- FLUX: diffusers names -> (BFL module, rows), hidden and MLP widths read off the inventory,
+  including the aliases newer ComfyUI (0.33+) maps too: ``ff.linear_in/out`` and
+  ``ff_context.linear_in/out`` (= ``img_mlp`` / ``txt_mlp``), and the single blocks'
+  ``attn.to_qkv_mlp_proj`` (all rows of ``linear1``) and ``attn.to_out`` (``linear2``).
 - kohya (``lora_unet_<path with _>``) and LyCORIS (``lycoris_<path with _>``) names are resolved
   by flattening every known name of the inventory the same way, since ``_`` cannot be split back.
 """
@@ -204,10 +207,16 @@ _FLUX_DOUBLE = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 
                 "attn.to_out.0": ("img_attn.proj", None), "attn.to_add_out": ("txt_attn.proj", None),
                 "ff.net.0.proj": ("img_mlp.0", None), "ff.net.2": ("img_mlp.2", None),
                 "ff_context.net.0.proj": ("txt_mlp.0", None), "ff_context.net.2": ("txt_mlp.2", None),
-                "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None)}
+                "norm1.linear": ("img_mod.lin", None), "norm1_context.linear": ("txt_mod.lin", None),
+                # Newer diffusers / LyCORIS spellings of the feed-forwards (ComfyUI maps them from 0.33)
+                "ff.linear_in": ("img_mlp.0", None), "ff.linear_out": ("img_mlp.2", None),
+                "ff_context.linear_in": ("txt_mlp.0", None), "ff_context.linear_out": ("txt_mlp.2", None)}
 _FLUX_SINGLE = {"attn.to_q": ("linear1", 0), "attn.to_k": ("linear1", 1), "attn.to_v": ("linear1", 2),
                 "proj_mlp": ("linear1", 3), "proj_out": ("linear2", None),
-                "norm.linear": ("modulation.lin", None)}
+                "norm.linear": ("modulation.lin", None),
+                # FLUX.2's diffusers names of the fused single-block layers: all of linear1
+                # (q | k | v | mlp) and all of linear2 (ComfyUI maps them from 0.33)
+                "attn.to_qkv_mlp_proj": ("linear1", None), "attn.to_out": ("linear2", None)}
 _FLUX_BASIC = {"x_embedder": "img_in", "context_embedder": "txt_in",
                "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
                "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
