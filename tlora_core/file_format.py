@@ -45,6 +45,7 @@ from .file_layout import (
     module_key,
 )
 from .file_read import read_state_dict, read_tlora
+from .peft_config import LoraConfigScale, find_lora_config
 from .readers import detect_format
 from .schedule import resolve_min_rank
 from .validate import Inventory, TLoRAFileError, check_finite, validate_weights
@@ -276,7 +277,8 @@ def _override_schedule(weights: TLoRAWeights, min_rank: float | None,
 
 def _read_foreign(fmt: str, sd: dict[str, torch.Tensor], inventory: Inventory, *,
                   min_rank: float | None, power: float | None, rank_refactor: bool,
-                  base_weights: Mapping[str, torch.Tensor] | None, source: str) -> TLoRAWeights:
+                  base_weights: Mapping[str, torch.Tensor] | None, source: str,
+                  lora_config: LoraConfigScale | None = None) -> TLoRAWeights:
     if fmt == "unknown":
         sample = ", ".join(f"'{k}'" for k in list(sd)[:4]) or "(no tensors)"
         raise TLoRAFileError(
@@ -286,7 +288,8 @@ def _read_foreign(fmt: str, sd: dict[str, torch.Tensor], inventory: Inventory, *
     common = {"min_rank": min_rank, "power": power, "source": source}
     try:
         if fmt == "lora":
-            return readers.read_plain_lora(sd, inventory, refactor=rank_refactor, **common)
+            return readers.read_plain_lora(sd, inventory, refactor=rank_refactor,
+                                           lora_config=lora_config, **common)
         if fmt == "lycoris":
             return readers.read_lycoris(sd, inventory, base_weights=base_weights, **common)
         reader = {"reference-sdxl": readers.read_reference_sdxl,
@@ -305,6 +308,8 @@ def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: 
 
     Detects the format (our T-LoRA file, the reference code's SDXL / FLUX files, LyCORIS ``tlora``,
     plain kohya / diffusers LoRA), reads it onto the model's module paths, and validates the result.
+    A diffusers / PEFT LoRA is scaled by the ``lora_alpha / r`` of its PEFT config (its
+    ``lora_adapter_metadata`` metadata, else an ``adapter_config.json`` in its folder).
 
     Args:
         path: ``.safetensors`` (any format) or ``.pt`` / ``.pth`` / ``.bin`` (tensors-only pickle,
@@ -337,8 +342,10 @@ def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: 
         weights, unmatched = read_tlora(sd, metadata, inventory, source=source)
         weights = _override_schedule(weights, min_rank, power)
     else:
-        weights = _read_foreign("lora" if fmt == "tlora" else fmt, sd, inventory, min_rank=min_rank,
-                                power=power, rank_refactor=rank_refactor, base_weights=base_weights,
-                                source=source)
+        fmt = "lora" if fmt == "tlora" else fmt
+        lora_config = find_lora_config(path, metadata, sd) if fmt == "lora" else None
+        weights = _read_foreign(fmt, sd, inventory, min_rank=min_rank, power=power,
+                                rank_refactor=rank_refactor, base_weights=base_weights,
+                                source=source, lora_config=lora_config)
         weights = replace(weights, metadata=weights.metadata or dict(metadata))
     return validate_weights(weights, inventory, source, file_keys=list(sd), unmatched_keys=unmatched)

@@ -21,6 +21,9 @@ Every reader returns a :class:`~tlora_core.weights.TLoRAWeights` of
   (its default ``sig_type="principal"`` init), and so does :func:`read_lycoris`.
 - Plain LoRA (kohya ``lora_unet_*``, ComfyUI ``diffusion_model.*``, diffusers / peft ``unet.*`` /
   ``transformer.*``, LyCORIS LoCon): ``y = W x + alpha/r * up(down(x))`` (scale folded into up).
+  alpha is the layer's ``.alpha`` tensor; diffusers / PEFT files store none and take it from their
+  PEFT LoraConfig (:mod:`tlora_core.peft_config`, passed in as ``lora_config``); without either
+  the scale is 1 (for PEFT-style files, with a warning that it is assumed).
   With ``refactor=True`` each layer is re-factored (:mod:`tlora_core.refactor`) into components
   sorted by singular value and given the rank schedule, so any LoRA gets a timestep schedule.
 
@@ -40,6 +43,7 @@ import torch
 
 from .adapter import LowRankAdapter, RankSchedule
 from .keys import ModuleIndex, Target, split_lora_key, strip_prefix
+from .peft_config import LoraConfigScale, is_peft_style
 from .refactor import refactor_lowrank
 from .schedule import resolve_min_rank
 from .validate import (
@@ -358,16 +362,31 @@ def _plain_groups(b: _Builder, sd: Mapping[str, torch.Tensor]) -> dict[str, dict
     return groups
 
 
+def _plain_scale(parts: Mapping[str, torch.Tensor], name: str, rank: int,
+                 lora_config: LoraConfigScale | None, source: str) -> float | None:
+    """alpha / r of one layer: its ``.alpha`` tensor (kohya, ComfyUI, LyCORIS), else the PEFT
+    config's; None when neither states it (the caller applies scale 1)."""
+    if "alpha" in parts:
+        return float(parts["alpha"]) / rank
+    return None if lora_config is None else lora_config.scale(name, rank, source)
+
+
 def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
                     min_rank: float | None = None, power: float | None = None,
-                    refactor: bool = False, source: str = "file") -> TLoRAWeights:
+                    refactor: bool = False, source: str = "file",
+                    lora_config: LoraConfigScale | None = None) -> TLoRAWeights:
     """Read a plain LoRA (kohya / ComfyUI / diffusers / LyCORIS LoCon keys).
 
     ``refactor=False``: unmasked adapters ``alpha/r * up @ down``. ``refactor=True``: each layer's
     delta re-factored into components sorted by singular value, masked with a schedule of that
-    layer's rank (``min_rank`` capped at it).
+    layer's rank (``min_rank`` capped at it). ``lora_config``: the PEFT LoraConfig a diffusers /
+    PEFT file was saved with, for layers without an ``.alpha`` tensor.
     """
     b = _Builder(inventory, source)
+    if lora_config is not None and lora_config.use_dora:
+        raise TLoRAFileError(f"{source}: {lora_config.where} says use_dora: DoRA files cannot be "
+                             "applied as an additive low-rank term. Use a plain LoRA.")
+    unscaled = 0
     for name, parts in _plain_groups(b, sd).items():
         if "mid" in parts or parts.get("down", torch.empty(0, 0)).ndim != 2:
             b.skip("convolution layers (only Linear layers are adapted)", name)
@@ -375,19 +394,27 @@ def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         if not {"down", "up"} <= set(parts):
             raise TLoRAFileError(f"{source}: layer '{name}' has {sorted(parts)} but needs both "
                                  "up and down weights.")
-        target = b.resolve(strip_prefix(name)[0], name)
+        layer = strip_prefix(name)[0]
+        target = b.resolve(layer, name)
         if target is None:
             continue
         down, up = _vanilla_factors(parts["down"], parts["up"], name, source)
-        rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)   # no alpha: scale 1
-        up = up * (alpha / rank)
+        scale = _plain_scale(parts, layer, down.shape[0], lora_config, source)
+        unscaled += scale is None
+        up = up * (1.0 if scale is None else scale)
         if not refactor:
             b.add(target, name, down, up)
             continue
         b.check(target, name, down, up)
         down, up, _ = refactor_lowrank(down, up)
         b.add(target, name, down, up, schedule=b.schedule(down.shape[0], min_rank, power))
+    if unscaled and is_peft_style(sd):
+        b.warnings.append(
+            f"{source}: a diffusers / PEFT LoRA that does not state its lora_alpha (no "
+            "'lora_adapter_metadata' with one, no adapter_config.json beside it, no .alpha "
+            f"tensors): scale 1 (lora_alpha = r) is assumed for {unscaled} layer(s), as diffusers "
+            "does. If it was trained with another lora_alpha, its effect is off by lora_alpha / r; "
+            "adjust strength_model.")
     if refactor:
         b.warnings.append(f"{source}: plain LoRA re-factored into orthogonal components sorted by "
                           "singular value; the rank schedule masks the weakest first.")
