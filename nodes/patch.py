@@ -103,24 +103,28 @@ class TLoRAPatch:
         self.strength = float(strength)
         self.key = key
         self.state = RankState()
-        self.handles: list = []
+        # Hook handles per model object: clones share this holder, and most share one model, but
+        # some carry another (a dynamic-VRAM model's non-dynamic delegate, the copy T-LoRA Train
+        # trains on), which needs its own hooks.
+        self.handles: dict[int, list] = {}
         self.calls = 0   # model calls seen by the wrapper (diagnostics and tests)
 
     def inject(self, patcher) -> None:
         # ComfyUI may call inject on a clone that believes it is not injected while hooks from
-        # an earlier injection of the same holder are still in place: never register twice.
-        if self.handles:
+        # an earlier injection of the same holder are still on its model: never register twice.
+        model_id = id(patcher.model)
+        if model_id in self.handles:
             return
         modules = check_targets(patcher.model.diffusion_model, self.weights)
         for group in self.weights.adapters.values():
             for adapter in group:
                 adapter.tensors_on(torch.device(patcher.load_device))   # copy once, not on first call
-        self.handles = attach(modules, self.weights.adapters, self.state, self.strength)
+        self.handles[model_id] = attach(modules, self.weights.adapters, self.state, self.strength)
 
     def eject(self, patcher) -> None:
-        detach(self.handles)
-        self.handles = []
-        self.state.clear()
+        detach(self.handles.pop(id(patcher.model), []))
+        if not self.handles:
+            self.state.clear()
 
     def release(self, patcher, *args) -> None:
         """ON_DETACH: the model left its device, so drop the adapters' copies there too."""

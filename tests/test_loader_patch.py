@@ -330,9 +330,30 @@ def test_hooks_are_registered_exactly_once(comfy, patch):
         lf.comfy_runtime.sample(patcher, "sdxl", steps=2)
         mm.load_models_gpu([patcher])   # partially_load: eject + inject again
         assert len(module._forward_hooks) == 1
-        assert len(holder.handles) == len(weights.adapters)
+        assert list(holder.handles) == [id(model.model)]
+        assert len(holder.handles[id(model.model)]) == len(weights.adapters)
     model.unpatch_model()
-    assert len(module._forward_hooks) == 0 and holder.handles == []
+    assert len(module._forward_hooks) == 0 and holder.handles == {}
+
+
+def test_a_clone_with_its_own_model_gets_its_own_hooks(comfy, patch):
+    """A clone that carries another model object (ComfyUI's non-dynamic delegate of a dynamic-VRAM
+    model, the copy T-LoRA Train trains on) shares the holder but needs hooks on its own model."""
+    base = comfy.build_model("sdxl")
+    weights, _ = lf.make_tlora(base, "sdxl", "tlora")
+    model = base.clone()
+    holder = patch.install(model, weights)
+    want = lf.comfy_runtime.sample(model, "sdxl", steps=3)          # injects into model.model
+    other = comfy.build_model("sdxl")                                # same seeded weights, own object
+    delegate = model.clone()
+    delegate.model = other.model
+    delegate.is_injected = False
+    got = lf.comfy_runtime.sample(delegate, "sdxl", steps=3)
+    assert set(holder.handles) == {id(model.model), id(other.model)}
+    assert torch.equal(got, want)
+    assert not torch.equal(got, lf.comfy_runtime.sample(other, "sdxl", steps=3))   # the T-LoRA acts
+    delegate.unpatch_model()
+    assert set(holder.handles) == {id(model.model)}
 
 
 def test_install_validates_before_touching_the_model(comfy, patch, pack):

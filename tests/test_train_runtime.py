@@ -66,6 +66,8 @@ def test_training_flags_hold_exactly_for_the_run(family, flag_watch, monkeypatch
     model, latents, positive = th.node_inputs(family)
     result = th.train(watch(model), latents, positive, rank=4, min_rank=2, steps=2)
     assert len(result.losses) == 2 and seen
+    # The training clone's pre_run is paired with cleanup: the shared model points at no patcher.
+    assert getattr(model.model, "current_patcher", None) is None
     assert all(flags == _expected_during() for flags in seen)
     assert _flags() == before
     if hasattr(mm, "in_training"):

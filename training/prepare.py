@@ -230,6 +230,9 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         comfy.model_management.load_models_gpu([train_patcher], memory_required=memory_required,
                                                force_full_load=True)
         train_patcher.pre_run()
+        # pre_run's pair, as around ComfyUI's own sampling and training: the shared BaseModel
+        # must not keep pointing at the training clone.
+        stack.callback(train_patcher.cleanup)
         dm = train_patcher.model.diffusion_model
         undo = _Restorer()
         stack.callback(undo.undo)
