@@ -6,6 +6,13 @@ Run after changing a node's inputs:  .runtime/0.3.75/venv/bin/python scripts/mak
 real ComfyUI runtime in-process (built-in nodes + this pack), nothing is read from the network, and
 every default not stated here is the node's own, so the files cannot drift from the nodes.
 Settings follow the paper and the reference code (see README "Recommended settings").
+
+Up to date means the same meaning (``stale``: node types, titles, positions, sizes, sockets, links,
+widget values by name), not the same text: newer ComfyUI declares outputs that 0.3.75 lacks (0.33's
+SaveImage / PreviewImage / PreviewAny), which both frontends add to a file that lacks them, while
+an output a file has and its server lacks stays on the node. So the files are generated on the
+oldest supported runtime (0.3.75), and a file whose meaning is unchanged is left as it is
+(``--force`` rewrites every file).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO / "tests"))
 
 from workflow_graph import Graph, Node  # noqa: E402
+from workflow_tools import meaning_differences  # noqa: E402
 
 import comfy_runtime  # noqa: E402
 
@@ -189,11 +197,13 @@ def _sample_column(g: Graph, model, clip, vae, prompts: list[str], sample: dict,
                                 (x + 650, top), f"Sample {row + 1}"))
     batch = decoded[0]
     for index, decode in enumerate(decoded[1:], start=1):
-        joined = g.node("ImageBatch", (x + 890, y + 460 + index * pitch - 60), width=200)
+        # 250 wide: ComfyUI 0.33 deprecates ImageBatch (its successor does not exist in 0.3.75) and
+        # the 1.49 frontend widens the node for its "(DEPRECATED)" title (to 235 px).
+        joined = g.node("ImageBatch", (x + 880, y + 460 + index * pitch - 60), width=250)
         g.link(batch, "IMAGE", joined, "image1")
         g.link(decode, "IMAGE", joined, "image2")
         batch = joined
-    save = g.node("SaveImage", (x + 1130, y + 460), {"filename_prefix": filename_prefix}, width=520)
+    save = g.node("SaveImage", (x + 1160, y + 460), {"filename_prefix": filename_prefix}, width=520)
     save.height = 560
     g.link(batch, "IMAGE", save, "images")
 
@@ -240,7 +250,7 @@ def _train_outputs(g: Graph, train: Node, x: float, y: float, label: str = "Loss
     loss.height = 300
     g.link(train, "loss_curve", loss, "images")
     saved = g.node("PreviewAny", (x, y + 330), title="Saved as", width=380)
-    saved.height = 100
+    saved.height = 130  # room for 0.33's extra output and preview-mode toggle (1.49 grows it to 122)
     g.link(train, "file_name", saved, "source")
 
 
@@ -269,7 +279,7 @@ def _train_and_generate(info: dict, flux: bool) -> dict:
     positive, latent = _training_inputs(g, clip, vae, flux)
     train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, sample, (COL_C, 500), (COL_D, 470), None, settings["rank"], settings["min_rank"])
+    _schedule_preview(g, model, sample, (COL_C, 500), (COL_D, 500), None, settings["rank"], settings["min_rank"])
     family = "flux" if flux else "sdxl"
     _sample_column(g, (train, "model"), clip, vae, _prompts(f"{family}_train"), sample, COL_E, 0, flux,
                    f"tlora/{family}_trained")
@@ -365,24 +375,55 @@ def render(info: dict | None = None) -> dict[str, str]:
     return {f"{name}.json": json.dumps(build(info), indent=2) + "\n" for name, build in WORKFLOWS.items()}
 
 
+def _layout(workflow: dict) -> dict[str, tuple]:
+    """Per node: its size and input sockets (what the schema implies and the meaning leaves out)."""
+    return {str(node["id"]): (list(node.get("size", [])),
+                              [(slot["name"], slot["type"]) for slot in node.get("inputs", [])])
+            for node in workflow.get("nodes", [])}
+
+
+def stale(info: dict | None = None, directory: Path = WORKFLOWS_DIR) -> dict[str, list[str]]:
+    """``{file name: differences}`` for each workflow whose file in ``directory`` does not mean what
+    this runtime's schemas generate (missing files included); empty when every file is up to date."""
+    info = info or object_info()
+    out = {}
+    for name, text in render(info).items():
+        path = directory / name
+        if not path.exists():
+            out[name] = ["missing"]
+            continue
+        generated, shipped = json.loads(text), json.loads(path.read_text(encoding="utf-8"))
+        try:
+            reasons = meaning_differences(generated, shipped, info)
+        except (ValueError, KeyError, IndexError) as err:  # e.g. a widget count the schema no longer has
+            reasons = [f"does not fit this runtime's schemas: {err!r}"]
+        ours, theirs = _layout(generated), _layout(shipped)
+        reasons += [f"node {node_id}: size and sockets {theirs.get(node_id)} != {ours[node_id]}"
+                    for node_id in ours if theirs.get(node_id) != ours[node_id]]
+        if reasons:
+            out[name] = reasons
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a committed workflow is out of date")
+    parser.add_argument("--force", action="store_true", help="rewrite every file, even one whose meaning is unchanged")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    stale = []
-    for name, text in render().items():
+    info = object_info()
+    out_of_date = stale(info)
+    if args.check:
+        for name, reasons in out_of_date.items():
+            log.error("%s is out of date:\n  %s", name, "\n  ".join(reasons[:20]))
+        return 1 if out_of_date else 0
+    for name, text in render(info).items():
         path = WORKFLOWS_DIR / name
-        if path.exists() and path.read_text(encoding="utf-8") == text:
+        if name not in out_of_date and not args.force:
             continue
-        stale.append(name)
-        if not args.check:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            log.info("wrote %s", path.relative_to(REPO))
-    if args.check and stale:
-        log.error("out of date: %s (run scripts/make_workflows.py)", ", ".join(stale))
-        return 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        log.info("wrote %s", path.relative_to(REPO))
     return 0
 
 

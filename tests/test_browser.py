@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from workflow_tools import input_specs, load_workflow, to_api, widget_values
+from workflow_tools import input_specs, load_workflow, schema_outputs, to_api, widget_values
 
 from comfy_runtime import REPO
 
@@ -106,7 +106,7 @@ def browser(tmp_path_factory):
         assert status == 200
         job = {"url": server.url, "chromium": "/usr/bin/chromium", "outdir": str(ARTIFACTS),
                "workflows": [{"name": path.stem, "path": str(path)} for path in WORKFLOWS],
-               "closeups": CLOSEUPS, "width": VIEWPORT[0], "height": VIEWPORT[1]}
+               "closeups": CLOSEUPS, "width": VIEWPORT[0], "height": VIEWPORT[1], "canary": True}
         job_path = base / "job.json"
         job_path.write_text(json.dumps(job))
         report = _run_browser(server, job_path)
@@ -132,6 +132,15 @@ def test_every_shipped_workflow_was_loaded(browser):
     assert browser["report"]["seconds"] < 240, browser["report"]["seconds"]
 
 
+def test_the_checks_see_a_missing_node_and_an_error_toast(browser):
+    """The checks below look where this frontend reports faults: a node type nobody registers opens
+    a dialog (1.32) or an error card (1.49), and an error toast is seen (both)."""
+    canary = browser["report"]["canary"]
+    assert [n["registered"] for n in canary["nodes"]] == [False]
+    assert any(canary["type"] in text for text in canary["dialogs"]), canary["dialogs"]
+    assert any("T-LoRA test canary" in text for text in canary["error_toasts"]), canary["error_toasts"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_no_missing_nodes_or_error_dialogs(browser, name):
     entry = browser["by_name"][name]
@@ -147,20 +156,39 @@ def _slots(slots: list[dict], key: str) -> list[tuple]:
     return [(slot["name"], slot["type"], slot.get(key) or None) for slot in slots]
 
 
+def _by_id(nodes: list[dict]) -> dict[str, dict]:
+    """Nodes by id as a string: the 1.49 frontend reports live node ids as strings, 1.32 as numbers
+    (and the API prompt's keys are strings on both)."""
+    return {str(node["id"]): node for node in nodes}
+
+
+def _expected_outputs(node: dict, info: dict | None) -> list[tuple]:
+    """The output slots the frontend shows for a stored node: the stored ones, then those the
+    server's schema declares beyond them (a newer ComfyUI declares outputs that a file saved against
+    an older one lacks, e.g. 0.33's SaveImage / PreviewImage IMAGE; both frontends add them, unlinked)."""
+    stored = _slots(node.get("outputs", []), "links")
+    declared = schema_outputs(info) if info else []
+    return stored + [(out_name, out_type, None) for out_name, out_type in declared[len(stored):]]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_saves_the_file_back_unchanged(browser, name):
-    """The file is exactly what the frontend itself would save: same sockets, links and widget values."""
+    """The file is what the frontend itself would save: same sockets, links and widget values.
+
+    Compared by meaning: the 1.49 frontend leaves out an empty ``widgets_values``, and adds the
+    outputs the server declares beyond the stored ones (see _expected_outputs)."""
     original = load_workflow(REPO / "workflows" / f"{name}.json")
-    saved = {node["id"]: node for node in browser["by_name"][name]["serialized"]["nodes"]}
+    saved = _by_id(browser["by_name"][name]["serialized"]["nodes"])
     for node in original["nodes"]:
-        again = saved[node["id"]]
+        again = saved[str(node["id"])]
         where = f"node {node['id']} ({node['type']})"
         assert again["type"] == node["type"], where
-        assert again.get("widgets_values") == node["widgets_values"], where
+        assert (again.get("widgets_values") or []) == node["widgets_values"], where
         # The frontend grows a node to fit its widgets: equal sizes mean the stored layout is what shows.
         assert again["size"] == node["size"], where
         assert _slots(again.get("inputs", []), "link") == _slots(node.get("inputs", []), "link"), where
-        assert _slots(again.get("outputs", []), "links") == _slots(node.get("outputs", []), "links"), where
+        info = browser["object_info"].get(node["type"])
+        assert _slots(again.get("outputs", []), "links") == _expected_outputs(node, info), where
     assert sorted(map(tuple, browser["by_name"][name]["serialized"]["links"])) == sorted(
         map(tuple, original["links"]))
 
@@ -187,12 +215,12 @@ def test_pack_nodes_render_with_their_widgets(browser, name):
     info = browser["object_info"]
     pack_nodes = [n for n in browser["by_name"][name]["nodes"] if n["type"] in PACK_NODES]
     assert pack_nodes, f"{name} uses none of the pack's nodes"
-    original = {n["id"]: n for n in load_workflow(REPO / "workflows" / f"{name}.json")["nodes"]}
+    original = _by_id(load_workflow(REPO / "workflows" / f"{name}.json")["nodes"])
     for node in pack_nodes:
         expected = [spec.name for spec in input_specs(info[node["type"]]) if spec.is_widget]
         shown = {w["name"]: w["value"] for w in node["widgets"]}
         assert set(expected) <= set(shown), f"{node['type']} lacks widgets {set(expected) - set(shown)}"
-        stored = widget_values(original[node["id"]], info[node["type"]])
+        stored = widget_values(original[str(node["id"])], info[node["type"]])
         assert {w: shown[w] for w in expected} == stored, node["type"]
         width, height = node["size"]
         assert width >= 200 and height >= 24 * len(expected), (node["type"], node["size"])

@@ -101,6 +101,12 @@ def widget_values(node: dict, info: dict) -> dict[str, Any]:
     return named
 
 
+def schema_outputs(info: dict) -> list[tuple[str, str]]:
+    """A node's declared outputs as ``(name, type)``, in slot order."""
+    types = list(info.get("output", []))
+    return list(zip(info.get("output_name") or types, types))
+
+
 def _links_by_id(workflow: dict) -> dict[int, list]:
     return {link[0]: link for link in workflow.get("links", [])}
 
@@ -215,10 +221,14 @@ def _node_errors(node: dict, info: dict) -> list[str]:
     for spec in specs.values():
         if not spec.is_widget and not spec.optional and spec.name not in linked:
             errors.append(f"{where}: required input {spec.name!r} is not connected")
-    outputs = node.get("outputs", [])
-    schema_types = info.get("output", [])
-    if [slot.get("type") for slot in outputs] != list(schema_types):
-        errors.append(f"{where}: outputs {[slot.get('type') for slot in outputs]} != schema {schema_types}")
+    saved = [(slot.get("name"), slot.get("type")) for slot in node.get("outputs", [])]
+    declared = schema_outputs(info)
+    # A file saved against an older ComfyUI lacks the outputs a newer one added at the end (0.33's
+    # SaveImage / PreviewImage / PreviewAny): both frontends (1.32, 1.49) add the declared outputs a
+    # file lacks when they load it. A saved output the schema does not declare, or declares with
+    # another name or type, stays as saved (the 1.32 frontend keeps it): a socket the server lacks.
+    if saved != declared[:len(saved)]:
+        errors.append(f"{where}: outputs {saved} are not the start of the schema's {declared}")
     return errors
 
 
@@ -274,3 +284,72 @@ def check_workflow(workflow: dict, object_info: dict) -> list[str]:
             continue
         errors += _node_errors(node, info)
     return errors + _link_errors(workflow, nodes)
+
+
+def _widget_entries(node: dict, info: dict | None) -> dict[str, Any]:
+    """The node's widget values by input name, the frontend's extra entries as ``name:kind``
+    (e.g. ``seed:control`` = "fixed"); a frontend-only node's values by position."""
+    values = list(node.get("widgets_values") or [])
+    if info is None:
+        return {f"#{index}": value for index, value in enumerate(values)}
+    named = widget_values(node, info)  # raises when the count does not fit the schema
+    position = 0
+    entries: dict[str, Any] = {}
+    for spec in input_specs(info):
+        if not spec.is_widget:
+            continue
+        entries[spec.name] = named[spec.name]
+        for offset, kind in enumerate(spec.extra_values, start=1):
+            entries[f"{spec.name}:{kind}"] = values[position + offset]
+        position += 1 + len(spec.extra_values)
+    return entries
+
+
+def workflow_meaning(workflow: dict, object_info: dict) -> dict[str, Any]:
+    """What a UI-format workflow says, apart from how a frontend or generator serialises it.
+
+    Per node (by id, as a string: the id is also the API prompt's key): type, title, mode, position,
+    colours and widget values by input name (``object_info`` names them). Links by what they join,
+    ``(origin id, output name, target id, input name, type)``, not by link id or slot index; the
+    groups by title and box. Left out on purpose: the output slots nothing links (a newer ComfyUI
+    declares outputs an older file lacks, and the frontend adds them), the sockets and sizes the
+    schema implies (check_workflow and the browser test check those), empty vs absent
+    ``widgets_values``, ``order``, ``properties`` and link ids.
+    """
+    nodes = {str(node["id"]): node for node in workflow.get("nodes", [])}
+    described = {}
+    for node_id, node in nodes.items():
+        info = None if node["type"] in VIRTUAL_NODE_TYPES else object_info.get(node["type"])
+        described[node_id] = {"type": node["type"], "title": node.get("title"),
+                              "mode": node.get("mode", MODE_ALWAYS),
+                              "pos": [float(v) for v in node.get("pos", [])],
+                              "color": node.get("color"), "bgcolor": node.get("bgcolor"),
+                              "widgets": _widget_entries(node, info)}
+    links = []
+    for _, origin_id, origin_slot, target_id, target_slot, link_type in workflow.get("links", []):
+        origin, target = nodes[str(origin_id)], nodes[str(target_id)]
+        links.append((str(origin_id), origin["outputs"][origin_slot]["name"], str(target_id),
+                      target["inputs"][target_slot]["name"], link_type))
+    groups = sorted((group.get("title"), tuple(float(v) for v in group.get("bounding", ())))
+                    for group in workflow.get("groups", []))
+    return {"nodes": described, "links": sorted(links), "groups": groups}
+
+
+def meaning_differences(ours: dict, theirs: dict, object_info: dict) -> list[str]:
+    """Where two workflows differ in meaning (see ``workflow_meaning``); empty when they agree."""
+    a, b = workflow_meaning(ours, object_info), workflow_meaning(theirs, object_info)
+    out = []
+    for node_id in sorted(set(a["nodes"]) | set(b["nodes"]), key=lambda i: (len(i), i)):
+        left, right = a["nodes"].get(node_id), b["nodes"].get(node_id)
+        if left is None or right is None:
+            out.append(f"node {node_id}: only in {'the second' if left is None else 'the first'}")
+            continue
+        for key in left:
+            if left[key] != right[key]:
+                out.append(f"node {node_id} ({left['type']}) {key}: {left[key]!r} != {right[key]!r}")
+    links_a, links_b = set(a["links"]), set(b["links"])
+    out += [f"link only in the first: {link}" for link in sorted(links_a - links_b)]
+    out += [f"link only in the second: {link}" for link in sorted(links_b - links_a)]
+    if a["groups"] != b["groups"]:
+        out.append(f"groups: {a['groups']} != {b['groups']}")
+    return out

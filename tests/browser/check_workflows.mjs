@@ -3,11 +3,14 @@
 // Usage: node check_workflows.mjs <job.json>
 // job.json: {"url": "http://127.0.0.1:PORT", "chromium": "/usr/bin/chromium", "outdir": "...",
 //            "workflows": [{"name": "...", "path": "..."}], "closeups": {"NodeType": "workflow name"},
-//            "width": 1920, "height": 1200}
+//            "width": 1920, "height": 1200, "canary": true}
 // Saves <outdir>/<workflow name>.png (whole graph) and <outdir>/node_<NodeType>.png (that node at
 // 100% zoom, from the named workflow).
-// Prints one JSON object on stdout: {"ready_ms", "workflows": [{name, missing_types, error_nodes,
-// nodes, serialized, api_prompt, dialogs, error_toasts, screenshot}], "console_errors"}.
+// Prints one JSON object on stdout: {"ready_ms", "workflows": [{name, nodes, serialized, api_prompt,
+// dialogs, error_toasts, screenshot, closeups}], "canary", "console_errors"}.
+// "canary" (when the job asks for it, after the workflows): what the same checks report for a graph
+// with a node type nobody registers and for an error toast the page raises itself, so the test can
+// tell "nothing reported" from "looked in the wrong place" on this frontend.
 // The pytest test (tests/test_browser.py) starts the server, runs this, and asserts on the report.
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -36,10 +39,17 @@ async function describeGraph(page) {
   });
 }
 
+// Dialogs and the notices that replace them: the 1.32 frontend opens a dialog for missing nodes
+// (.p-dialog, role=dialog); the 1.49 frontend shows a card over the canvas instead (role=status,
+// "Missing node: ..." / "N errors found"). Toasts are reported apart (errorToasts).
 async function visibleDialogs(page) {
-  return page.evaluate(() => Array.from(document.querySelectorAll(".p-dialog"))
-    .filter((el) => el.offsetParent !== null)
-    .map((el) => el.innerText.slice(0, 500)));
+  return page.evaluate(() => {
+    const found = Array.from(document.querySelectorAll(
+      ".p-dialog, [role=dialog], [role=alertdialog], [role=status]"))
+      .filter((el) => el.offsetParent !== null && !el.closest(".p-toast"));
+    return found.filter((el) => !found.some((other) => other !== el && other.contains(el)))
+      .map((el) => el.innerText.slice(0, 500));
+  });
 }
 
 async function errorToasts(page) {
@@ -92,6 +102,25 @@ async function focusNode(page, nodeType) {
   return clip;
 }
 
+const CANARY_TYPE = "TLoRATestNoSuchNode";
+
+// What the checks report for faults they must see: a node type nobody registers, and an error toast.
+async function checkCanary(page) {
+  const graph = { last_node_id: 1, last_link_id: 0, links: [], groups: [], config: {}, extra: {}, version: 0.4,
+    nodes: [{ id: 1, type: CANARY_TYPE, pos: [200, 200], size: [300, 100], flags: {}, order: 0, mode: 0,
+      inputs: [], outputs: [], properties: {}, widgets_values: [] }] };
+  await page.evaluate(async (g) => { await window.app.loadGraphData(g, true, true, "canary"); }, graph);
+  await page.waitForTimeout(1000);
+  const dialogs = await visibleDialogs(page);
+  const described = await page.evaluate(() => window.app.graph.nodes.map((node) => ({
+    type: node.type, registered: node.type in window.LiteGraph.registered_node_types })));
+  await page.evaluate(() => window.app.extensionManager.toast.add({
+    severity: "error", summary: "T-LoRA test canary", detail: "an error toast raised by the test", life: 60000 }));
+  await page.waitForTimeout(500);
+  const toasts = await errorToasts(page);
+  return { type: CANARY_TYPE, dialogs, error_toasts: toasts, nodes: described };
+}
+
 async function main() {
   const profile = mkdtempSync(join(tmpdir(), "tlora-chromium-"));
   const consoleErrors = [];
@@ -138,7 +167,8 @@ async function main() {
       results.push({ name: wf.name, dialogs, error_toasts: toasts, screenshot, closeups, ...described });
       for (let i = 0; i < dialogs.length; i += 1) await page.keyboard.press("Escape");
     }
-    process.stdout.write(JSON.stringify({ ready_ms: readyMs, workflows: results, console_errors: consoleErrors }));
+    const canary = job.canary ? await checkCanary(page) : null;
+    process.stdout.write(JSON.stringify({ ready_ms: readyMs, workflows: results, canary, console_errors: consoleErrors }));
   } finally {
     await context.close();
     rmSync(profile, { recursive: true, force: true });
