@@ -76,8 +76,11 @@ def bootstrap(cpu: bool = True) -> None:
     if _BOOTSTRAPPED:
         return
     root = str(comfyui_root())
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    # First, even when already listed: the repository's own ``nodes`` package must never shadow
+    # ComfyUI's nodes.py (a script may have put the repository in front).
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     import comfy.options
 
     comfy.options.args_parsing = False
