@@ -80,7 +80,8 @@ def saved_bytes(family: str, checkpointing: bool, rank: int, tokens: int) -> dic
     """Bytes saved for backward by one forward of the real-size model with adapters (meta device)."""
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention as attention
-    from comfyui_tlora.training.prepare import _checkpoint_classes, _install_checkpointing, _Restorer
+    from comfyui_tlora.tlora_core import families
+    from comfyui_tlora.training.prepare import _install_checkpointing, _Restorer, checkpoint_blocks
     from comfyui_tlora.training.targets import find_targets
 
     # PyTorch SDPA (ComfyUI's CPU default, sub-quadratic attention, asks the device for free memory).
@@ -91,13 +92,14 @@ def saved_bytes(family: str, checkpointing: bool, rank: int, tokens: int) -> dic
     dm.requires_grad_(False)
     adapter_params = _attach_meta_adapters(dm, find_targets(dm, family), rank)
     weight_ids = {id(p) for p in dm.parameters()} | {id(p) for p in adapter_params}
-    blocks = {name: m for name, m in dm.named_modules() if isinstance(m, _checkpoint_classes())}
+    block_names = families.get(family).checkpoint_blocks
+    blocks = checkpoint_blocks(dm, block_names)
     current = ["outside blocks"]
     for name, m in blocks.items():
         m.register_forward_pre_hook(lambda *_, n=name: current.__setitem__(0, n))
         m.register_forward_hook(lambda *_: current.__setitem__(0, "outside blocks"))
     if checkpointing:
-        _install_checkpointing(dm, _Restorer())
+        _install_checkpointing(dm, _Restorer(), block_names)
     totals, per_block = collections.Counter(), collections.Counter()
 
     def pack(t: torch.Tensor) -> torch.Tensor:

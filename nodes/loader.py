@@ -18,10 +18,14 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..tlora_core.file_format import load_tlora_file
-from ..tlora_core.validate import TLoRAFileError, inventory_from_module
+from ..tlora_core import families
+from ..tlora_core.files.check import TLoRAFileError
+from ..tlora_core.files.read import load_tlora_file
+from ..tlora_core.inventory import inventory_from_module
+from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT, default_min_rank
 from ..tlora_core.weights import TLoRAWeights
-from .patch import install, timestep_kind
+from ..training.timesteps import model_rule
+from .patch import install
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +33,10 @@ CATEGORY = "T-LoRA"
 
 MIN_RANK_TOOLTIP = (
     "Ranks active at the highest noise level. The active rank grows from min_rank (pure noise) to "
-    "the full rank (clean image) as sampling proceeds (paper Eq. 6). -1 = the value stored in the "
-    "file; files without one (the T-LoRA reference code's) use rank/2. The paper recommends rank/2: "
-    "lower values (rank/4) lose likeness to the subject, higher ones let the early, high-noise steps "
-    "copy the training image's pose and background.")
+    f"the full rank (clean image) as sampling proceeds (paper Eq. 6). {AUTO_MIN_RANK_TEXT} (files "
+    "without one, such as the T-LoRA reference code's, store none). The paper recommends half the "
+    "rank: lower values (a quarter) lose likeness to the subject, higher ones let the early, "
+    "high-noise steps copy the training image's pose and background.")
 POWER_TOOLTIP = (
     "Shape of the rank schedule r(t) = int(((1000 - t)/1000)^power * (rank - min_rank)) + min_rank. "
     "0 = the value stored in the file (1.0, the paper's linear schedule, if it stores none). Above 1 "
@@ -66,22 +70,23 @@ def schedule_ranks(weights: TLoRAWeights) -> set[int]:
             if a.schedule is not None}
 
 
-def read_tlora(patcher, lora_name: str, min_rank: int = -1, schedule_power: float = 0.0,
-               rank_refactor: bool = False) -> TLoRAWeights:
+def load_for_model(patcher, lora_name: str, min_rank: int = AUTO_MIN_RANK, schedule_power: float = 0.0,
+                   rank_refactor: bool = False) -> TLoRAWeights:
     """Read ``lora_name`` for ``patcher``'s model with the node's min_rank / power conventions
-    (-1 / 0 = from the file). Raises ValueError / FileNotFoundError with a message for the UI."""
-    if min_rank == 0 or min_rank < -1:
-        raise ValueError(f"min_rank must be -1 (from the file) or a rank >= 1, got {min_rank}")
+    (``AUTO_MIN_RANK`` / 0 = from the file). Raises ValueError / FileNotFoundError with a message
+    for the UI."""
+    if min_rank != AUTO_MIN_RANK and min_rank < 1:
+        raise ValueError(f"min_rank must be {AUTO_MIN_RANK} (automatic) or a rank >= 1, got {min_rank}")
     if schedule_power < 0:
         raise ValueError(f"schedule_power must be 0 (from the file) or > 0, got {schedule_power}")
-    timestep_kind(patcher.get_model_object("model_sampling"))
+    family, _ = model_rule(patcher)
     path = lora_path(lora_name)
     try:
         weights = load_tlora_file(
             path, inventory_from_module(patcher.model.diffusion_model),
-            min_rank=None if min_rank == -1 else min_rank,
+            min_rank=None if min_rank == AUTO_MIN_RANK else min_rank,
             power=None if schedule_power == 0 else schedule_power,
-            rank_refactor=rank_refactor, base_weights=base_weights(patcher))
+            rank_refactor=rank_refactor, base_weights=base_weights(patcher), family=family)
     except TLoRAFileError:
         raise
     except (OSError, ValueError) as err:
@@ -90,8 +95,8 @@ def read_tlora(patcher, lora_name: str, min_rank: int = -1, schedule_power: floa
     if min_rank > 0 and ranks and min_rank > max(ranks):
         raise TLoRAFileError(
             f"{lora_name}: min_rank {min_rank} is larger than the file's rank {max(ranks)}. Set "
-            f"min_rank between 1 and {max(ranks)} (the paper recommends {max(1, max(ranks) // 2)}), "
-            "or -1 to use the file's value.")
+            f"min_rank between 1 and {max(ranks)} (the paper recommends {default_min_rank(max(ranks))}), "
+            f"or {AUTO_MIN_RANK} to use the file's value.")
     if not ranks and (min_rank > 0 or schedule_power > 0):
         log.info("%s has no rank schedule (an ordinary LoRA): min_rank and schedule_power are "
                  "ignored; enable schedule_ordinary_lora to give it one", lora_name)
@@ -118,7 +123,7 @@ class TLoRALoader(io.ComfyNode):
                 "'tlora' files and, optionally, ordinary LoRAs. Chain several to stack T-LoRAs."),
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    "The diffusion model (SDXL or FLUX) to apply the T-LoRA to. It is not changed: "
+                    f"The diffusion model ({families.known_labels('or')}) to apply the T-LoRA to. It is not changed: "
                     "a patched copy is returned.")),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=(
                     "The T-LoRA file, from ComfyUI's loras folders: a file from T-LoRA Train, the "
@@ -128,7 +133,8 @@ class TLoRALoader(io.ComfyNode):
                     "Multiplies the T-LoRA's change to the model. 1.0 = as trained (the reference "
                     "code adds the adapter with scale 1); 0 = the unchanged model; negative values "
                     "subtract it.")),
-                io.Int.Input("min_rank", default=-1, min=-1, max=4096, tooltip=MIN_RANK_TOOLTIP),
+                io.Int.Input("min_rank", default=AUTO_MIN_RANK, min=AUTO_MIN_RANK, max=4096,
+                             tooltip=MIN_RANK_TOOLTIP),
                 io.Float.Input("schedule_power", default=0.0, min=0.0, max=10.0, step=0.05,
                                tooltip=POWER_TOOLTIP),
                 io.Boolean.Input("schedule_ordinary_lora", default=False, tooltip=(
@@ -148,7 +154,7 @@ class TLoRALoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, lora_name: str, strength_model: float, min_rank: int,
                 schedule_power: float, schedule_ordinary_lora: bool) -> io.NodeOutput:
-        weights = read_tlora(model, lora_name, min_rank, schedule_power, schedule_ordinary_lora)
+        weights = load_for_model(model, lora_name, min_rank, schedule_power, schedule_ordinary_lora)
         patched = model.clone()
         try:
             install(patched, weights, strength_model)

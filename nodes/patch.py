@@ -3,13 +3,8 @@
 Contract. For every model call with per-sample noise levels ``sigma`` (B,), each adapted module
 returns ``W x_b + strength * delta(x_b, M_{t_b})`` (paper Eq. 5 / Eq. 8, with
 :func:`tlora_core.adapter.lowrank_delta`), where ``t_b`` is the timestep the reference code feeds its
-schedule, computed from the model's own ``model_sampling``:
-
-- discrete models (SD / SDXL, eps or v): ``t = model_sampling.timestep(sigma)``, the nearest of the
-  1000 training timesteps (0..999), as the reference SDXL code uses the scheduler's timestep;
-- flow models (FLUX, SD3 and other CONST models): ``t = 1000 * sigma``. ``ModelSamplingFlux.timestep``
-  returns sigma itself (in [0, 1]), so feeding it to a schedule written for [0, 1000) would leave
-  FLUX at full rank on every step.
+schedule, by the model family's rule (:mod:`training.timesteps`: the discrete timestep on SDXL,
+``1000 * sigma`` on FLUX).
 
 Mechanism. One :class:`TLoRAPatch` per applied file holds the adapters, the strength and a
 :class:`tlora_core.apply.RankState`. It is registered on the clone under one unique key as
@@ -28,43 +23,18 @@ from __future__ import annotations
 import logging
 import uuid
 
-import comfy.model_sampling
 import comfy.patcher_extension
 import torch
 
 from ..tlora_core.apply import RankState, attach, detach
-from ..tlora_core.schedule import DEFAULT_T, FLOW_TIMESTEP_SCALE
 from ..tlora_core.weights import TLoRAWeights
+from ..training.timesteps import model_rule, schedule_timesteps, timestep_rule
+
+__all__ = ["TLoRAPatch", "check_targets", "install", "installed", "schedule_timesteps", "timestep_rule"]
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "tlora_"
-
-
-def timestep_kind(model_sampling) -> str:
-    """``"flow"`` (t = 1000 sigma), ``"discrete"`` (nearest training timestep) or raise ValueError."""
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
-        return "flow"
-    # Any sampling with the 1000-entry discrete table (including EDM-style ones built on it) maps
-    # sigma to the training timestep the schedule was written for.
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and hasattr(
-            model_sampling, "log_sigmas"):
-        return "discrete"
-    raise ValueError(
-        f"T-LoRA needs a model with discrete (SD/SDXL) or flow (FLUX/SD3) sampling; this model uses "
-        f"{type(model_sampling).__mro__[1].__name__}, whose noise levels have no timestep in [0, 1000]. "
-        "Remove any node that switches the model to continuous EDM/V sampling.")
-
-
-def schedule_timesteps(model_sampling, sigma: torch.Tensor, T: int = DEFAULT_T) -> torch.Tensor:
-    """Per-sample timesteps in [0, T] for the rank schedule, from per-sample sigmas (B,)."""
-    sigma = torch.as_tensor(sigma).reshape(-1)
-    if timestep_kind(model_sampling) == "flow":
-        return (sigma.to(torch.float64) * FLOW_TIMESTEP_SCALE).clamp(0, T)
-    # ModelSamplingDiscrete.timestep is the nearest index into its own table, used explicitly so a
-    # subclass that redefines timestep() (EDM variants) still gives the training timestep.
-    t = comfy.model_sampling.ModelSamplingDiscrete.timestep(model_sampling, sigma)
-    return t.to(torch.float64).clamp(0, T)
 
 
 def check_targets(diffusion_model: torch.nn.Module, weights: TLoRAWeights) -> dict[str, torch.nn.Module]:
@@ -98,8 +68,9 @@ def check_targets(diffusion_model: torch.nn.Module, weights: TLoRAWeights) -> di
 class TLoRAPatch:
     """The holder of one applied T-LoRA: adapters, strength, rank state and hook handles."""
 
-    def __init__(self, weights: TLoRAWeights, strength: float, key: str) -> None:
+    def __init__(self, weights: TLoRAWeights, strength: float, key: str, rule: str) -> None:
         self.weights = weights
+        self.rule = rule   # the family's timestep rule (training.timesteps)
         self.strength = float(strength)
         self.key = key
         self.state = RankState()
@@ -134,7 +105,7 @@ class TLoRAPatch:
 
     def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
         """``BaseModel.apply_model`` wrapper: ``t`` is the per-sample sigma of this call."""
-        timesteps = schedule_timesteps(executor.class_obj.model_sampling, t)
+        timesteps = schedule_timesteps(executor.class_obj.model_sampling, t, rule=self.rule)
         self.calls += 1
         with self.state.at(timesteps):
             return executor(x, t, *args, **kwargs)
@@ -143,17 +114,17 @@ class TLoRAPatch:
 def install(patcher, weights: TLoRAWeights, strength: float = 1.0, key: str | None = None) -> TLoRAPatch:
     """Apply ``weights`` to ``patcher`` (a clone the caller owns) and return the holder.
 
-    Everything is checked before the patcher is touched (targets, shapes, model sampling), so a
-    failure leaves it unchanged. ``key`` defaults to a fresh unique key, so every call adds an
+    Everything is checked before the patcher is touched (the model's family and sampling, targets,
+    shapes), so a failure leaves it unchanged. ``key`` defaults to a fresh unique key, so every call adds an
     independent T-LoRA with its own schedule.
     """
     model = patcher.model
-    timestep_kind(patcher.get_model_object("model_sampling"))
+    _, rule = model_rule(patcher)
     check_targets(model.diffusion_model, weights)
     key = key or f"{KEY_PREFIX}{uuid.uuid4().hex}"
     if patcher.get_injections(key) is not None:
         raise ValueError(f"a T-LoRA is already installed under the key {key!r}")
-    holder = TLoRAPatch(weights, strength, key)
+    holder = TLoRAPatch(weights, strength, key, rule)
     patcher.set_injections(key, [comfy.patcher_extension.PatcherInjection(holder.inject, holder.eject)])
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key,
                                  holder.apply_model_wrapper)

@@ -18,10 +18,11 @@ import torch
 from comfy_api.latest import io
 from PIL import Image, ImageDraw, ImageFont
 
+from ..tlora_core import families
 from ..tlora_core.adapter import RankSchedule
-from ..tlora_core.schedule import active_rank, resolve_min_rank
-from .loader import CATEGORY, MIN_RANK_TOOLTIP, POWER_TOOLTIP, read_tlora
-from .patch import schedule_timesteps
+from ..tlora_core.schedule import AUTO_MIN_RANK, active_rank, default_min_rank, resolve_min_rank
+from ..training.timesteps import model_rule, schedule_timesteps
+from .loader import CATEGORY, MIN_RANK_TOOLTIP, POWER_TOOLTIP, load_for_model
 
 NO_FILE = "(none: use rank below)"
 WIDTH, HEIGHT = 768, 384
@@ -37,8 +38,9 @@ def step_sigmas(model_sampling, scheduler: str, steps: int, denoise: float) -> t
     return sigmas[-(steps + 1):][:-1].float()
 
 
-def ranks_per_step(model_sampling, sigmas: torch.Tensor, schedule: RankSchedule) -> list[int]:
-    t = schedule_timesteps(model_sampling, sigmas, schedule.T)
+def ranks_per_step(model_sampling, sigmas: torch.Tensor, schedule: RankSchedule,
+                   rule: str | None = None) -> list[int]:
+    t = schedule_timesteps(model_sampling, sigmas, schedule.T, rule)
     return active_rank(t, schedule.rank, schedule.min_rank, schedule.power, schedule.T).tolist()
 
 
@@ -87,7 +89,7 @@ def preview_schedule(model, lora_name: str, rank: int, min_rank: int,
     """The schedule to plot and a note on where it came from."""
     power = schedule_power if schedule_power > 0 else None
     if lora_name and lora_name != NO_FILE:
-        weights = read_tlora(model, lora_name, min_rank, schedule_power)
+        weights = load_for_model(model, lora_name, min_rank, schedule_power)
         schedules = [a.schedule for g in weights.adapters.values() for a in g if a.schedule]
         if weights.schedule is not None or schedules:
             return weights.schedule or max(schedules, key=lambda s: s.rank), lora_name
@@ -95,7 +97,7 @@ def preview_schedule(model, lora_name: str, rank: int, min_rank: int,
         note = f"{lora_name} (ordinary LoRA: masked only with schedule_ordinary_lora)"
     else:
         note = "no file"
-    resolved = max(1, rank // 2) if min_rank == -1 else resolve_min_rank(rank, min_rank)
+    resolved = default_min_rank(rank) if min_rank == AUTO_MIN_RANK else resolve_min_rank(rank, min_rank)
     return RankSchedule(rank, resolved, power or 1.0), note
 
 
@@ -128,9 +130,10 @@ class TLoRASchedulePreview(io.ComfyNode):
                                    "A T-LoRA file to read rank, min_rank and power from. With "
                                    "'(none)', the rank below is used.")),
                 io.Int.Input("rank", default=64, min=1, max=4096, tooltip=(
-                    "The adapter rank, used when no file is chosen. The reference recipes use 64 "
-                    "(SDXL) and 32 (FLUX).")),
-                io.Int.Input("min_rank", default=-1, min=-1, max=4096, tooltip=MIN_RANK_TOOLTIP),
+                    "The adapter rank, used when no file is chosen. The reference recipes use "
+                    + ", ".join(f"{f.recipe.rank} ({f.label})" for f in families.all_families()) + ".")),
+                io.Int.Input("min_rank", default=AUTO_MIN_RANK, min=AUTO_MIN_RANK, max=4096,
+                             tooltip=MIN_RANK_TOOLTIP),
                 io.Float.Input("schedule_power", default=0.0, min=0.0, max=10.0, step=0.05,
                                tooltip=POWER_TOOLTIP),
             ],
@@ -146,8 +149,9 @@ class TLoRASchedulePreview(io.ComfyNode):
                 min_rank: int, schedule_power: float) -> io.NodeOutput:
         schedule, note = preview_schedule(model, lora_name, rank, min_rank, schedule_power)
         model_sampling = model.get_model_object("model_sampling")
+        _, rule = model_rule(model)
         ranks = ranks_per_step(model_sampling, step_sigmas(model_sampling, scheduler, steps, denoise),
-                               schedule)
+                               schedule, rule)
         title = (f"{note}: rank {schedule.rank}, min_rank {schedule.min_rank}, power "
                  f"{schedule.power:g}; {scheduler}, {steps} steps, denoise {denoise:g}")
         picture = np.asarray(draw_schedule(ranks, schedule, title), dtype=np.float32) / 255.0

@@ -1,47 +1,40 @@
 """T-LoRA Train: single-image T-LoRA fine-tuning in-process, on the MODEL already in the graph.
 
-Thin node: reads the inputs, fills in the per-family recipe defaults, validates everything before
-any GPU work, runs :func:`training.loop.train`, saves the file atomically into ComfyUI's ``loras``
-folder and returns the MODEL with the trained T-LoRA applied by the Loader's own mechanism.
+Thin node: maps its inputs to a training job (:mod:`training.job`: the family's recipe defaults,
+every check before any GPU work, training, the atomic save into ComfyUI's ``loras`` folder) and
+the job's results to its outputs. The output MODEL is the saved file applied by the Loader's own
+read and mechanism.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
 
 import comfy.model_management
-import comfy.utils
-import torch
 from comfy_api.latest import io
 
-from ..tlora_core.file_format import save_tlora
-from ..tlora_core.schedule import resolve_min_rank
-from ..tlora_core.validate import inventory_from_module
-from ..training import files, inputs, report
-from ..training import state as state_io
-from ..training.loop import COMPUTE_DTYPES, TrainConfig, train
-from ..training.modules import adapter_key
-from ..training.targets import SCOPES, find_targets
-from .loader import read_tlora
+from ..tlora_core import families
+from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT
+from ..training import files, inputs, job, report
+from ..training.loop import COMPUTE_DTYPES
+from ..training.targets import SCOPES
+from .loader import load_for_model
 from .patch import install
 
-log = logging.getLogger(__name__)
 
-VARIANT_CHOICES = {"auto": None, "T-LoRA": "tlora", "Vanilla T-LoRA": "vanilla",
-                   "Ortho-LoRA": "ortho", "LoRA": "lora"}
-# The reference code's recipe per family (see the tooltips for the reasons).
-FAMILY_DEFAULTS = {"sdxl": {"variant": "tlora", "rank": 64}, "flux": {"variant": "vanilla", "rank": 32}}
-NO_RESUME = "none"
-PREVIEW_EVERY = 10
+def _recipes(what) -> str:
+    """``"64 on SDXL, 32 on FLUX"`` for a recipe field (tooltips)."""
+    return ", ".join(f"{what(f.recipe)} on {f.label}" for f in families.all_families())
+
+
+def _variant_name(variant_id: str) -> str:
+    return next(name for name, v in job.VARIANT_CHOICES.items() if v == variant_id)
 
 
 def _inputs() -> list:
     return [
-        io.Model.Input("model", tooltip="The SDXL or FLUX model to personalise, as loaded in the graph "
+        io.Model.Input("model", tooltip=f"The {families.known_labels('or')} model to personalise, as loaded in the graph "
                        "(any dtype; LoRAs applied before this node become part of the base). It is "
                        "not modified: the trained T-LoRA is applied to the output MODEL only."),
         io.Latent.Input("latents", tooltip="The training image(s), VAE-encoded with this model's VAE. "
@@ -50,17 +43,20 @@ def _inputs() -> list:
         io.Conditioning.Input("positive", tooltip="The training prompt, e.g. 'a photo of sks dog' "
                               "(rare token + class, the reference template). One prompt for all "
                               "images, or one per image in image order."),
-        io.Combo.Input("variant", options=list(VARIANT_CHOICES), default="auto", tooltip=(
+        io.Combo.Input("variant", options=list(job.VARIANT_CHOICES), default="auto", tooltip=(
             "T-LoRA = Ortho-LoRA init + timestep rank mask (the paper's method). Vanilla T-LoRA = "
             "mask without the Ortho init; Ortho-LoRA = Ortho init without mask; LoRA = plain LoRA "
-            "(the paper's baselines). auto = T-LoRA on SDXL, Vanilla T-LoRA on FLUX (the reference "
-            "code trains FLUX only that way).")),
+            "(the paper's baselines). auto = the family's recipe: "
+            f"{_recipes(lambda r: _variant_name(r.variant))}. "
+            + " ".join(f.recipe.why for f in families.all_families()))),
         io.Int.Input("rank", default=0, min=0, max=inputs.MAX_RANK, tooltip=(
-            "Adapter rank r. 0 = the reference recipe: 64 on SDXL, 32 on FLUX. Higher keeps more "
-            "detail but memorises pose and background sooner.")),
-        io.Int.Input("min_rank", default=0, min=0, max=inputs.MAX_RANK, tooltip=(
-            "Ranks still active at the noisiest timestep (r_min). 0 = half the rank, the paper's "
-            "recommendation (a quarter loses fidelity); the reference FLUX script uses 1. Ignored "
+            f"Adapter rank r. 0 = the family's recipe: {_recipes(lambda r: r.rank)}. Higher keeps "
+            "more detail but memorises pose and background sooner.")),
+        io.Int.Input("min_rank", default=AUTO_MIN_RANK, min=AUTO_MIN_RANK, max=inputs.MAX_RANK, tooltip=(
+            "Ranks still active at the noisiest timestep (r_min). "
+            f"{AUTO_MIN_RANK_TEXT.split(':')[0]}: half the rank (rounded up), the paper's "
+            "recommendation (a quarter loses fidelity); the reference FLUX script uses 1. "
+            f"({job.LEGACY_AUTO_MIN_RANK}, as older workflows saved it, means the same.) Ignored "
             "by Ortho-LoRA and LoRA.")),
         io.Float.Input("schedule_power", default=1.0, min=0.05, max=10.0, step=0.05, tooltip=(
             "Exponent of the rank schedule r(t) = (r - r_min) * ((T - t) / T)^power + r_min. 1 = the "
@@ -88,14 +84,16 @@ def _inputs() -> list:
             "overflow). The adapters always train in fp32.")),
         io.Boolean.Input("gradient_checkpointing", default=True, tooltip=(
             "Recompute each block's activations in backward instead of storing them: much less "
-            "memory, about 30% slower. Always on for FLUX (its blocks update tensors in place).")),
+            "memory, about 30% slower. Always on for "
+            + " and ".join(f.label for f in families.all_families() if f.recipe.needs_checkpointing)
+            + " (its blocks update tensors in place).")),
         io.Int.Input("save_every", default=0, min=0, max=100000, tooltip=(
             "Also save <file_name>_stepNNNNN every N steps (with a training state to resume from). "
             "0 = only the final file. Saved checkpoints stay if the run is cancelled.")),
         io.String.Input("file_name", default="tlora/concept", tooltip=(
             "Name in ComfyUI's loras folder (sub-folders allowed). An existing file is never "
             "overwritten (a counter is added) unless this run resumes from it.")),
-        io.Combo.Input("resume_from", options=[NO_RESUME] + files.resumable_files(), default=NO_RESUME,
+        io.Combo.Input("resume_from", options=[job.NO_RESUME] + files.resumable_files(), default=job.NO_RESUME,
                        tooltip=("Continue a run from a saved T-LoRA's training state (adapters, "
                                 "optimizer and step count), up to 'steps' in total. Use the same "
                                 "variant, rank, target layers and model.")),
@@ -115,29 +113,6 @@ def _outputs() -> list:
     ]
 
 
-def resolve_config(architecture: str, *, variant: str, rank: int, min_rank: int, schedule_power: float,
-                   steps: int, learning_rate: float, batch_size: int, seed: int, target_layers: str,
-                   training_dtype: str, gradient_checkpointing: bool, save_every: int) -> TrainConfig:
-    """The node's inputs with the family defaults filled in (not yet validated)."""
-    if variant not in VARIANT_CHOICES:
-        raise ValueError(f"unknown variant {variant!r} (choices: {', '.join(VARIANT_CHOICES)})")
-    if training_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown training_dtype {training_dtype!r}")
-    defaults = FAMILY_DEFAULTS[architecture]
-    variant_id = VARIANT_CHOICES[variant] or defaults["variant"]
-    rank = int(rank) or defaults["rank"]
-    if min_rank:
-        min_rank = int(min_rank)
-    else:
-        min_rank = resolve_min_rank(rank, 0.5) if 1 <= rank <= inputs.MAX_RANK else 1
-    # FLUX blocks update tensors in place: backward only works with checkpointing.
-    checkpointing = bool(gradient_checkpointing) or architecture == "flux"
-    return TrainConfig(variant=variant_id, rank=rank, min_rank=min_rank, schedule_power=float(schedule_power),
-                       steps=int(steps), learning_rate=float(learning_rate), batch_size=int(batch_size),
-                       seed=int(seed), scope=target_layers, compute_dtype=training_dtype,
-                       gradient_checkpointing=checkpointing, save_every=int(save_every))
-
-
 def _progress_sender(node_id):
     server = sys.modules.get("server")
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
@@ -151,7 +126,7 @@ class TLoRATrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TLoRATrain", display_name="T-LoRA Train", category="T-LoRA",
-            description="Personalise SDXL or FLUX from one image with T-LoRA (timestep-dependent "
+            description=f"Personalise {families.known_labels('or')} from one image with T-LoRA (timestep-dependent "
                         "LoRA): trains in-process on the loaded MODEL, saves the file to the loras "
                         "folder and outputs the MODEL with it applied.",
             inputs=_inputs(), outputs=_outputs(), hidden=[io.Hidden.unique_id], is_output_node=True)
@@ -160,16 +135,17 @@ class TLoRATrain(io.ComfyNode):
     def execute(cls, model, latents, positive, variant, rank, min_rank, schedule_power, steps,
                 learning_rate, batch_size, seed, target_layers, training_dtype, gradient_checkpointing,
                 save_every, file_name, resume_from, mask=None) -> io.NodeOutput:
-        architecture = inputs.architecture_of(model.model)
-        config = resolve_config(
-            architecture, variant=variant, rank=rank, min_rank=min_rank, schedule_power=schedule_power,
-            steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed,
-            target_layers=target_layers, training_dtype=training_dtype,
-            gradient_checkpointing=gradient_checkpointing, save_every=save_every)
-        job = prepare_job(model, latents, positive, mask, config, file_name, resume_from)
+        config = job.resolve_config(
+            inputs.family_of(model.model), variant=variant, rank=rank, min_rank=min_rank,
+            schedule_power=schedule_power, steps=steps, learning_rate=learning_rate,
+            batch_size=batch_size, seed=seed, target_layers=target_layers,
+            training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
+            save_every=save_every)
+        prepared = job.prepare_job(model, latents, positive, mask, config, file_name, resume_from)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         try:
-            out_model, path, losses = run_job(model, job, config, node_id)
+            out_model, path, losses = job.run_job(model, prepared, config, _reload, node_id=node_id,
+                                                  send_text=_progress_sender(node_id))
         except BaseException as err:
             # Cancel / NaN / OOM: the traceback's frames still hold the step's activations and the
             # adapters; drop them so the memory is really free before the error reaches the UI.
@@ -182,79 +158,8 @@ class TLoRATrain(io.ComfyNode):
                              report.image_tensor(report.loss_curve(losses, title)))
 
 
-@dataclass
-class TrainJob:
-    """Validated inputs of one run: tensors, the output path and the state to resume from."""
-
-    samples: torch.Tensor
-    weights: torch.Tensor | None
-    positive: list
-    architecture: str
-    path: Path
-    resume: state_io.TrainingState | None
-    inventory: dict
-
-
-def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: str,
-                resume_from: str) -> TrainJob:
-    """Every check that can fail, before any GPU work or file is touched."""
-    base = model.model
-    architecture = inputs.architecture_of(base)
-    inputs.check_numbers(config.steps, config.batch_size, config.learning_rate, config.save_every,
-                         config.schedule_power)
-    samples = inputs.latent_samples(latents, base, architecture)
-    inputs.check_conditioning(positive, base, architecture, samples.shape[0])
-    targets = find_targets(base.diffusion_model, architecture, config.scope)
-    inputs.check_rank(config.variant, config.rank, config.min_rank, targets)
-    weights = inputs.loss_weights(mask, samples)
-    resume = resume_path = None
-    if resume_from and resume_from != NO_RESUME:
-        resume_path = files.resolve_resume(resume_from)
-        resume = state_io.load_state(state_io.state_path(resume_path))
-        state_io.check_compatible(resume, {"architecture": architecture, "variant": config.variant,
-                                           "rank": config.rank, "scope": config.scope},
-                                  [adapter_key(t) for t in targets], config.steps)
-    path = files.output_path(file_name, resume_path)
-    return TrainJob(samples, weights, positive, architecture, path, resume,
-                    inventory_from_module(base.diffusion_model))
-
-
-def _save(path, weights, state, config: TrainConfig, job: TrainJob, step: int) -> None:
-    extra = {"tlora.training": config.as_json(step=step, images=int(job.samples.shape[0]),
-                                              architecture=job.architecture),
-             "modelspec.title": path.stem}
-    save_tlora(path, weights, extra_metadata=extra, inventory=job.inventory)
-    state_io.save_state(state_io.state_path(path), state)
-
-
-def run_job(model, job: TrainJob, config: TrainConfig, node_id=None):
-    """Train, save, and return (MODEL with the saved T-LoRA applied, saved path, losses)."""
-    device = model.load_device
-    with torch.inference_mode(False):
-        data = inputs.prepare_data(model.model, job.architecture, job.samples, job.positive,
-                                   job.weights, device)
-    bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
-    if job.resume is not None:
-        bar.update_absolute(job.resume.step, config.steps)
-    send_text = _progress_sender(node_id)
-
-    def on_step(step, total, loss, losses):
-        preview = None
-        if step % PREVIEW_EVERY == 0 or step == total:
-            preview = ("JPEG", report.loss_curve(losses), report.WIDTH)
-        bar.update_absolute(step, total, preview)
-        if send_text is not None:
-            send_text(report.progress_text(step, total, loss, losses))
-
-    def on_save(step, weights, state):
-        _save(files.intermediate_path(job.path, step), weights, state, config, job, step)
-
-    result = train(model, data, config, resume=job.resume, on_step=on_step, on_save=on_save)
-    _save(job.path, result.weights, result.state, config, job, result.step)
-    # The output MODEL is exactly what T-LoRA Loader makes of the saved file.
-    saved = read_tlora(model, files.display_name(job.path))
+def _reload(model, lora_name: str):
+    """What T-LoRA Loader makes of the saved file: read for this model, applied to a clone."""
     out = model.clone()
-    install(out, saved, 1.0)
-    log.info("T-LoRA Train: saved %s after %d steps (final loss %.4f)", job.path, result.step,
-             result.losses[-1] if result.losses else float("nan"))
-    return out, job.path, result.losses
+    install(out, load_for_model(model, lora_name), 1.0)
+    return out

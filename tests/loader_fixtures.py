@@ -225,8 +225,8 @@ def call_model(patcher, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> t
 
 def inventory(patcher) -> dict[str, tuple[int, int]]:
     """``{module path: (out, in)}`` of the patcher's diffusion model (what the readers check)."""
-    validate = importlib.import_module(f"{comfy_runtime.PACK_NAME}.tlora_core.validate")
-    return validate.inventory_from_module(patcher.model.diffusion_model)
+    inventory = importlib.import_module(f"{comfy_runtime.PACK_NAME}.tlora_core.inventory")
+    return inventory.inventory_from_module(patcher.model.diffusion_model)
 
 
 def build_stored_as(family: str, weight_dtype: torch.dtype, compute_dtype: torch.dtype | None,

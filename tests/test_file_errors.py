@@ -13,13 +13,11 @@ from file_format_helpers import FLUX_INV, SDXL_INV, make_weights, read_raw, rewr
 import tlora_core.adapter
 import tlora_core.schedule
 import tlora_core.weights
-from tlora_core.file_format import detect_format, load_tlora_file, save_tlora
-from tlora_core.validate import (
-    TLoRAFileError,
-    detect_architecture,
-    guess_file_architecture,
-    inventory_from_module,
-)
+from tlora_core.files.check import TLoRAFileError, detect_architecture, guess_file_architecture
+from tlora_core.files.foreign import detect_format
+from tlora_core.files.read import load_tlora_file
+from tlora_core.files.write import save_tlora
+from tlora_core.inventory import inventory_from_module
 
 core = tlora_core
 QKV = "lora_unet_double_blocks_0_img_attn_qkv"

@@ -21,9 +21,10 @@ from safetensors.torch import save_file
 import tlora_core.adapter
 import tlora_core.schedule
 import tlora_core.weights
-from tlora_core import file_format
 from tlora_core.adapter import RankSchedule
-from tlora_core.file_format import load_tlora_file, save_tlora
+from tlora_core.files import write
+from tlora_core.files.read import load_tlora_file
+from tlora_core.files.write import save_tlora
 from tlora_core.weights import TLoRAWeights
 
 core = tlora_core
@@ -224,7 +225,7 @@ def _failing_save(fail_with):
 
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
 def test_a_failed_write_leaves_neither_target_nor_temp_file(tmp_path, monkeypatch, error):
-    monkeypatch.setattr(file_format, "save_file", _failing_save(error))
+    monkeypatch.setattr(write, "save_file", _failing_save(error))
     with pytest.raises(type(error)):
         save_tlora(tmp_path / "a.safetensors", make_weights(core, "tlora", "sdxl"))
     assert list(tmp_path.iterdir()) == []
@@ -233,7 +234,7 @@ def test_a_failed_write_leaves_neither_target_nor_temp_file(tmp_path, monkeypatc
 def test_a_failed_overwrite_keeps_the_previous_file_intact(tmp_path, monkeypatch):
     path = save_tlora(tmp_path / "a.safetensors", make_weights(core, "tlora", "sdxl"))
     before = path.read_bytes()
-    monkeypatch.setattr(file_format, "save_file", _failing_save(OSError("disk full")))
+    monkeypatch.setattr(write, "save_file", _failing_save(OSError("disk full")))
     with pytest.raises(OSError):
         save_tlora(path, make_weights(core, "vanilla", "sdxl"))
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]

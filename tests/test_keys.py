@@ -10,7 +10,9 @@ import pytest
 import reference_files as rf
 
 from comfy_runtime import REAL_FLUX_CONFIG, REAL_SDXL_CONFIG, TINY_FLUX_CONFIG, TINY_SDXL_CONFIG
-from tlora_core import keys
+from tlora_core.families import bfl_names, unet_names
+from tlora_core.files import names as keys
+from tlora_core.inventory import Target
 
 REAL_SDXL = rf.sdxl_inventory(REAL_SDXL_CONFIG)
 TINY_SDXL = rf.sdxl_inventory(TINY_SDXL_CONFIG)
@@ -21,7 +23,7 @@ TINY_FLUX = rf.flux_inventory(TINY_FLUX_CONFIG)
 @pytest.mark.parametrize("inventory, expected", [
     (REAL_SDXL, (2, 2, 2)), (TINY_SDXL, (1, 1))])
 def test_sdxl_layout_is_read_off_the_inventory(inventory, expected):
-    assert keys.SdxlLayout.from_inventory(inventory).num_res_blocks == expected
+    assert unet_names.SdxlLayout.from_inventory(inventory).num_res_blocks == expected
 
 
 # Known correspondences of the real SDXL (kohya's SDXL names vs diffusers' names).
@@ -43,25 +45,25 @@ def test_sdxl_layout_is_read_off_the_inventory(inventory, expected):
     ("add_embedding.linear_1", "label_emb.0.0"), ("time_embedding.linear_2", "time_embed.2"),
 ])
 def test_sdxl_known_names(diffusers, ldm):
-    layout = keys.SdxlLayout.from_inventory(REAL_SDXL)
-    assert keys.sdxl_diffusers_to_ldm(diffusers, layout) == ldm
-    assert keys.sdxl_ldm_to_diffusers(ldm, layout) == diffusers
+    layout = unet_names.SdxlLayout.from_inventory(REAL_SDXL)
+    assert unet_names.sdxl_diffusers_to_ldm(diffusers, layout) == ldm
+    assert unet_names.sdxl_ldm_to_diffusers(ldm, layout) == diffusers
 
 
 @pytest.mark.parametrize("name", ["down_blocks.3.attentions.0.proj_in", "down_blocks.2.downsamplers.0.conv",
                                   "up_blocks.2.upsamplers.0.conv", "mid_block.attentions.1.proj_in",
                                   "down_blocks.0.resnets.2.time_emb_proj", "conv_whatever"])
 def test_sdxl_names_outside_the_model_map_to_nothing(name):
-    assert keys.sdxl_diffusers_to_ldm(name, keys.SdxlLayout.from_inventory(REAL_SDXL)) is None
+    assert unet_names.sdxl_diffusers_to_ldm(name, unet_names.SdxlLayout.from_inventory(REAL_SDXL)) is None
 
 
 @pytest.mark.parametrize("inventory", [REAL_SDXL, TINY_SDXL], ids=["real", "tiny"])
 def test_every_sdxl_linear_has_a_diffusers_name_that_maps_back(inventory):
-    layout = keys.SdxlLayout.from_inventory(inventory)
+    layout = unet_names.SdxlLayout.from_inventory(inventory)
     for path in inventory:
-        name = keys.sdxl_ldm_to_diffusers(path, layout)
+        name = unet_names.sdxl_ldm_to_diffusers(path, layout)
         assert name is not None, path
-        assert keys.sdxl_diffusers_to_ldm(name, layout) == path
+        assert unet_names.sdxl_diffusers_to_ldm(name, layout) == path
 
 
 @pytest.mark.parametrize("config, inventory", [(REAL_SDXL_CONFIG, REAL_SDXL), (TINY_SDXL_CONFIG, TINY_SDXL)],
@@ -102,13 +104,13 @@ def test_reference_sdxl_attention_layers_all_map_with_their_shapes(config, inven
     ("single_transformer_blocks.5.attn.to_out", "single_blocks.5.linear2", None),
 ])
 def test_flux_known_names(name, module, rows):
-    target = keys.flux_diffusers_to_bfl(name, keys.FluxDims.from_inventory(REAL_FLUX))
+    target = bfl_names.flux_diffusers_to_bfl(name, bfl_names.FluxDims.from_inventory(REAL_FLUX))
     assert (target.module, target.out_rows, target.swap_halves) == (module, rows, False)
 
 
 def test_flux_norm_out_is_the_swapped_modulation():
-    target = keys.flux_diffusers_to_bfl("norm_out.linear", keys.FluxDims.from_inventory(TINY_FLUX))
-    assert target == keys.Target("final_layer.adaLN_modulation.1", None, True)
+    target = bfl_names.flux_diffusers_to_bfl("norm_out.linear", bfl_names.FluxDims.from_inventory(TINY_FLUX))
+    assert target == Target("final_layer.adaLN_modulation.1", None, True)
 
 
 @pytest.mark.parametrize("config, inventory", [(REAL_FLUX_CONFIG, REAL_FLUX), (TINY_FLUX_CONFIG, TINY_FLUX)],
@@ -140,19 +142,19 @@ def test_reference_flux_layers_cover_the_fused_rows(config, inventory):
      "middle_block.1.transformer_blocks.0.ff.net.0.proj"),
 ])
 def test_flattened_sdxl_names_resolve(name, module):
-    assert keys.ModuleIndex(REAL_SDXL).resolve(name) == keys.Target(module)
+    assert keys.ModuleIndex(REAL_SDXL).resolve(name) == Target(module)
 
 
 def test_flattened_flux_names_resolve_to_rows():
     index = keys.ModuleIndex(REAL_FLUX)
-    assert index.resolve("transformer_blocks_0_attn_add_v_proj") == keys.Target(
+    assert index.resolve("transformer_blocks_0_attn_add_v_proj") == Target(
         "double_blocks.0.txt_attn.qkv", (6144, 9216))
-    assert index.resolve("double_blocks_0_img_attn_qkv") == keys.Target("double_blocks.0.img_attn.qkv")
-    assert index.resolve("single_blocks.2.linear1_qkv") == keys.Target("single_blocks.2.linear1", (0, 9216))
+    assert index.resolve("double_blocks_0_img_attn_qkv") == Target("double_blocks.0.img_attn.qkv")
+    assert index.resolve("single_blocks.2.linear1_qkv") == Target("single_blocks.2.linear1", (0, 9216))
     assert index.resolve("double_blocks_19_img_attn_qkv") is None
-    assert index.resolve("single_transformer_blocks_1_attn_to_qkv_mlp_proj") == keys.Target(
+    assert index.resolve("single_transformer_blocks_1_attn_to_qkv_mlp_proj") == Target(
         "single_blocks.1.linear1")
-    assert index.resolve("transformer_blocks_0_ff_context_linear_in") == keys.Target("double_blocks.0.txt_mlp.0")
+    assert index.resolve("transformer_blocks_0_ff_context_linear_in") == Target("double_blocks.0.txt_mlp.0")
 
 
 def test_module_index_refuses_models_it_does_not_know():
@@ -196,7 +198,7 @@ def test_generated_inventories_and_key_maps_match_comfyui(comfy, family, config)
     """Our inventories equal ComfyUI's models; every LoRA key ComfyUI maps, we map alike."""
     import comfy.lora as comfy_lora
 
-    from tlora_core.validate import inventory_from_module
+    from tlora_core.inventory import inventory_from_module
 
     model = comfy.build_model(family, config, device="meta")
     inventory = inventory_from_module(model.diffusion_model)
@@ -214,7 +216,7 @@ def test_generated_inventories_and_key_maps_match_comfyui(comfy, family, config)
         name = keys.strip_prefix(lora_key)[0]
         if ".processor." in name:
             name = keys.split_lora_key(name + "_lora.up.weight")[0]
-        expected = keys.Target(module, rows, isinstance(to, tuple) and to[1] is None)
+        expected = Target(module, rows, isinstance(to, tuple) and to[1] is None)
         assert index.resolve(name) == expected, lora_key
         covered.add(module)
     assert covered == set(inventory)

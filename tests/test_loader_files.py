@@ -137,8 +137,8 @@ def test_reference_flux_lora_pt_gives_the_reference_math(comfy, loader, loras_di
 
 def test_real_size_files_map_every_target_to_a_module_of_the_right_shape(comfy, pack, tmp_path):
     patch = importlib.import_module(f"{pack.__name__}.nodes.patch")
-    fmt = importlib.import_module(f"{pack.__name__}.tlora_core.file_format")
-    validate = importlib.import_module(f"{pack.__name__}.tlora_core.validate")
+    fmt = importlib.import_module(f"{pack.__name__}.tlora_core.files.read")
+    validate = importlib.import_module(f"{pack.__name__}.tlora_core.inventory")
     gen = torch.Generator().manual_seed(0)
 
     sdxl = comfy.build_model("sdxl", comfy.REAL_SDXL_CONFIG, device="meta")

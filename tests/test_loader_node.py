@@ -25,7 +25,7 @@ REL_TOL = 2e-6
 
 @pytest.fixture(scope="module")
 def core(pack):
-    return importlib.import_module(f"{pack.__name__}.tlora_core.file_format")
+    return importlib.import_module(f"{pack.__name__}.tlora_core.files.write")
 
 
 @pytest.fixture(scope="module")

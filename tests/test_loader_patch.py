@@ -382,4 +382,4 @@ def test_unsupported_model_sampling_is_refused(comfy, patch):
         pass
 
     with pytest.raises(ValueError, match="ModelSamplingContinuousEDM"):
-        patch.timestep_kind(Continuous())
+        patch.timestep_rule(Continuous())

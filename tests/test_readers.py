@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_runtime import REAL_FLUX_CONFIG, REAL_SDXL_CONFIG, TINY_FLUX_CONFIG, TINY_SDXL_CONFIG
-from tlora_core import readers
 from tlora_core.apply import RankState, attach, detach
-from tlora_core.keys import ModuleIndex, sdxl_ldm_to_diffusers
-from tlora_core.validate import TLoRAFileError
+from tlora_core.families.unet_names import SdxlLayout, sdxl_ldm_to_diffusers
+from tlora_core.files import foreign, foreign_tlora
+from tlora_core.files.check import TLoRAFileError
+from tlora_core.files.names import ModuleIndex
 
 TINY_SDXL = rf.sdxl_inventory(TINY_SDXL_CONFIG)
 TINY_FLUX = rf.flux_inventory(TINY_FLUX_CONFIG)
@@ -93,8 +94,8 @@ def test_reference_sdxl_reproduces_the_official_forward(tmp_path, variant):
     make = rf.random_ortho if variant == "ortho" else rf.random_vanilla
     factors = {name: make(*shape, rank, gen) for name, shape in layers.items()}
     sd = load_file(rf.write_reference_sdxl(tmp_path / "pytorch_lora_weights.safetensors", factors))
-    assert readers.detect_format(sd.keys(), {"format": "pt"}) == "reference-sdxl"
-    weights = readers.read_reference_sdxl(sd, TINY_SDXL, min_rank=min_rank, power=1.0, source="f")
+    assert foreign.detect_format(sd.keys(), {"format": "pt"}) == "reference-sdxl"
+    weights = foreign_tlora.read_reference_sdxl(sd, TINY_SDXL, min_rank=min_rank, power=1.0, source="f")
     assert (weights.variant, weights.source_format) == ({"ortho": "tlora"}.get(variant, "vanilla"),
                                                         "reference-sdxl")
     index = ModuleIndex(TINY_SDXL)
@@ -117,7 +118,7 @@ def test_reference_sdxl_schedule_power_is_the_callers(tmp_path):
     name, shape = next(iter(rf.sdxl_attention_layers(TINY_SDXL_CONFIG).items()))
     factors = {name: rf.random_ortho(*shape, 8, gen)}
     sd = rf.reference_sdxl_state_dict(factors)
-    weights = readers.read_reference_sdxl(sd, TINY_SDXL, min_rank=3, power=2.0)
+    weights = foreign_tlora.read_reference_sdxl(sd, TINY_SDXL, min_rank=3, power=2.0)
     path = ModuleIndex(TINY_SDXL).resolve(name).module
     linears = base_linears(TINY_SDXL, [path])
     x = inputs(linears, batch=1)
@@ -131,7 +132,7 @@ def test_reference_sdxl_without_min_rank_uses_half_the_rank_and_says_so():
     gen = torch.Generator().manual_seed(4)
     name, shape = next(iter(rf.sdxl_attention_layers(TINY_SDXL_CONFIG).items()))
     sd = rf.reference_sdxl_state_dict({name: rf.random_ortho(*shape, 6, gen)})
-    weights = readers.read_reference_sdxl(sd, TINY_SDXL, min_rank=None, power=None, source="ref.safetensors")
+    weights = foreign_tlora.read_reference_sdxl(sd, TINY_SDXL, min_rank=None, power=None, source="ref.safetensors")
     assert (weights.schedule.rank, weights.schedule.min_rank, weights.schedule.power) == (6, 3, 1.0)
     assert any("min_rank = 3" in w and "ref.safetensors" in w for w in weights.warnings)
 
@@ -147,8 +148,8 @@ def test_reference_flux_reproduces_the_official_forward_on_fused_rows(tmp_path, 
     else:
         sd = load_file(rf.write_safetensors(tmp_path / "lora.safetensors", sd))
     assert len(sd) == 2 * 7 * (TINY_FLUX_CONFIG["depth"] + TINY_FLUX_CONFIG["depth_single_blocks"])
-    assert readers.detect_format(sd.keys(), {}) == "reference-flux"
-    weights = readers.read_reference_flux(sd, TINY_FLUX, min_rank=min_rank, power=1.0, source="lora.pt")
+    assert foreign.detect_format(sd.keys(), {}) == "reference-flux"
+    weights = foreign_tlora.read_reference_flux(sd, TINY_FLUX, min_rank=min_rank, power=1.0, source="lora.pt")
     assert any("8 key(s) ignored" in w and "never applies" in w for w in weights.warnings)
     index = ModuleIndex(TINY_FLUX)
     linears = base_linears(TINY_FLUX, weights.adapters)
@@ -190,8 +191,8 @@ def test_lycoris_rebuilds_its_base_and_reproduces_its_forward(family):
 
     factors = {n: rf.trained_lycoris(named_weight(n), rank, alpha, gen) for n in names}
     sd = rf.lycoris_state_dict(factors)
-    assert readers.detect_format(sd.keys(), {}) == "lycoris"
-    weights = readers.read_lycoris(sd, inventory, min_rank=min_rank, power=1.0, base_weights=base)
+    assert foreign.detect_format(sd.keys(), {}) == "lycoris"
+    weights = foreign_tlora.read_lycoris(sd, inventory, min_rank=min_rank, power=1.0, base_weights=base)
     assert any("recomputed" in w and "bit-identical" in w for w in weights.warnings)
     x = inputs(linears)
     for t_pair in zip(TIMESTEPS, reversed(TIMESTEPS)):
@@ -219,9 +220,9 @@ def test_lycoris_needs_the_base_weights():
     sd = rf.lycoris_state_dict({"transformer_blocks.0.attn.to_q": rf.trained_lycoris(
         torch.randn(64, 64, generator=gen), 4, 4.0, gen)})
     with pytest.raises(TLoRAFileError, match="do not store their frozen base factors.*base_weights"):
-        readers.read_lycoris(sd, TINY_FLUX, min_rank=2, source="x.safetensors")
+        foreign_tlora.read_lycoris(sd, TINY_FLUX, min_rank=2, source="x.safetensors")
     with pytest.raises(TLoRAFileError, match="no base weight given for module 'double_blocks.0.img_attn"):
-        readers.read_lycoris(sd, TINY_FLUX, min_rank=2, base_weights={})
+        foreign_tlora.read_lycoris(sd, TINY_FLUX, min_rank=2, base_weights={})
 
 
 def kohya_layers(inventory, paths, rank, gen, alpha):
@@ -234,15 +235,15 @@ def kohya_layers(inventory, paths, rank, gen, alpha):
     ("peft-unet", "diffusers")])
 def test_plain_sdxl_lora_adds_alpha_over_rank_up_down(style, names):
     gen, rank, alpha = torch.Generator().manual_seed(7), 4, 2.0 if style != "peft-unet" else None
-    index = ModuleIndex(TINY_SDXL)
+    layout = SdxlLayout.from_inventory(TINY_SDXL)
     paths = ["input_blocks.3.1.transformer_blocks.0.attn1.to_q", "output_blocks.1.1.proj_out",
              "middle_block.1.transformer_blocks.0.ff.net.0.proj", "output_blocks.3.0.emb_layers.1"]
     layers = kohya_layers(TINY_SDXL, paths, rank, gen, alpha)
-    named = {(p if names == "model" else sdxl_ldm_to_diffusers(p, index.layout)): v
+    named = {(p if names == "model" else sdxl_ldm_to_diffusers(p, layout)): v
              for p, v in layers.items()}
     sd = rf.plain_lora_state_dict(named, style)
-    assert readers.detect_format(sd.keys(), {}) == "lora"
-    weights = readers.read_plain_lora(sd, TINY_SDXL, min_rank=None, power=None, refactor=False)
+    assert foreign.detect_format(sd.keys(), {}) == "lora"
+    weights = foreign.read_plain_lora(sd, TINY_SDXL, min_rank=None, power=None, refactor=False)
     assert weights.schedule is None and weights.variant == "lora" and set(weights.adapters) == set(paths)
     linears = base_linears(TINY_SDXL, paths)
     x = inputs(linears)
@@ -258,7 +259,7 @@ def test_refactored_lora_keeps_the_delta_and_masks_weakest_components_first():
     paths = ["double_blocks.0.img_attn.proj", "single_blocks.0.linear2"]
     layers = kohya_layers(TINY_FLUX, paths, rank, gen, 3.0)
     sd = rf.plain_lora_state_dict(layers, "kohya")
-    weights = readers.read_plain_lora(sd, TINY_FLUX, min_rank=min_rank, power=1.0, refactor=True)
+    weights = foreign.read_plain_lora(sd, TINY_FLUX, min_rank=min_rank, power=1.0, refactor=True)
     linears = base_linears(TINY_FLUX, paths)
     eye = {p: torch.eye(lin.in_features).unsqueeze(0) for p, lin in linears.items()}
     for t, active in ((0.0, rank), (1000.0, min_rank), (500.0, int(0.5 * (rank - min_rank)) + min_rank)):
@@ -276,7 +277,7 @@ def test_plain_flux_diffusers_lora_lands_on_fused_rows():
     names = {"transformer_blocks.0.attn.to_v": (h, h), "single_transformer_blocks.0.proj_mlp": (4 * h, h)}
     layers = {n: (torch.randn(rank, s[1], generator=gen), torch.randn(s[0], rank, generator=gen), None)
               for n, s in names.items()}
-    weights = readers.read_plain_lora(rf.plain_lora_state_dict(layers, "peft-transformer"), TINY_FLUX)
+    weights = foreign.read_plain_lora(rf.plain_lora_state_dict(layers, "peft-transformer"), TINY_FLUX)
     assert {p: [a.out_rows for a in g] for p, g in weights.adapters.items()} == {
         "double_blocks.0.img_attn.qkv": [(2 * h, 3 * h)], "single_blocks.0.linear1": [(3 * h, 7 * h)]}
 
@@ -296,7 +297,7 @@ def test_plain_flux_diffusers_lora_lands_on_fused_rows():
     ([], {}, "unknown"),
 ])
 def test_detect_format(keys, metadata, expected):
-    assert readers.detect_format(keys, metadata) == expected
+    assert foreign.detect_format(keys, metadata) == expected
 
 
 def test_sdxl_file_on_a_flux_model_names_both_architectures():
@@ -304,7 +305,7 @@ def test_sdxl_file_on_a_flux_model_names_both_architectures():
     factors = {n: rf.random_ortho(*s, 2, gen) for n, s in rf.sdxl_attention_layers(TINY_SDXL_CONFIG).items()}
     with pytest.raises(TLoRAFileError,
                        match=r"^t\.safetensors: none of its layers.*made for SDXL.*model is FLUX"):
-        readers.read_reference_sdxl(rf.reference_sdxl_state_dict(factors), TINY_FLUX, min_rank=1,
+        foreign_tlora.read_reference_sdxl(rf.reference_sdxl_state_dict(factors), TINY_FLUX, min_rank=1,
                                     source="t.safetensors")
 
 
@@ -313,7 +314,7 @@ def test_flux_file_on_an_sdxl_model_names_both_architectures():
     layers = rf.flux_attention_layers(TINY_FLUX_CONFIG)
     factors = {n: rf.random_vanilla(*s, 2, gen) for n, s in layers.items()}
     with pytest.raises(TLoRAFileError, match=r"made for FLUX.*model is SDXL.*transformer_blocks"):
-        readers.read_reference_flux(rf.reference_flux_state_dict(factors, 64, 2), TINY_SDXL, min_rank=1)
+        foreign_tlora.read_reference_flux(rf.reference_flux_state_dict(factors, 64, 2), TINY_SDXL, min_rank=1)
 
 
 def test_shape_mismatch_names_layer_expected_and_found():
@@ -323,7 +324,7 @@ def test_shape_mismatch_names_layer_expected_and_found():
     with pytest.raises(TLoRAFileError, match=r"shape mismatch on layer '.*attn1\.to_q'.*'input_blocks\.4"
                                              r"\.1\.transformer_blocks\.0\.attn1\.to_q'.*out=640, in=640"
                                              r".*down \(8, 64\)"):
-        readers.read_reference_sdxl(sd, rf.sdxl_inventory(REAL_SDXL_CONFIG), min_rank=2)
+        foreign_tlora.read_reference_sdxl(sd, rf.sdxl_inventory(REAL_SDXL_CONFIG), min_rank=2)
 
 
 @pytest.mark.parametrize("drop, mix, match", [
@@ -338,7 +339,7 @@ def test_incomplete_or_mixed_reference_files_are_refused(drop, mix, match):
     sd = rf.reference_sdxl_state_dict(factors)
     sd = {k: v for k, v in sd.items() if not (drop and k.endswith(drop))}
     with pytest.raises(TLoRAFileError, match=match):
-        readers.read_reference_sdxl(sd, TINY_SDXL, min_rank=1)
+        foreign_tlora.read_reference_sdxl(sd, TINY_SDXL, min_rank=1)
 
 
 def test_partial_plain_lora_counts_what_it_ignores():
@@ -352,7 +353,7 @@ def test_partial_plain_lora_counts_what_it_ignores():
     sd["lora_unet_input_blocks_1_0_in_layers_2.lora_down.weight"] = torch.zeros(2, 4, 3, 3)
     sd["lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight"] = torch.zeros(32, 2, 1, 1)
     sd["lora_unet_x.hada_w1_a"] = torch.zeros(2, 2)
-    weights = readers.read_plain_lora(sd, TINY_SDXL, source="mix.safetensors")
+    weights = foreign.read_plain_lora(sd, TINY_SDXL, source="mix.safetensors")
     assert list(weights.adapters) == ["output_blocks.0.1.transformer_blocks.0.attn2.to_v"]
     text = "\n".join(weights.warnings)
     assert "3 key(s) ignored: text-encoder" in text
@@ -370,14 +371,14 @@ def test_broken_plain_loras_are_refused(mutate, match):
     sd = rf.plain_lora_state_dict(layers, "kohya")
     mutate(sd)
     with pytest.raises(TLoRAFileError, match=match):
-        readers.read_plain_lora(sd, TINY_SDXL)
+        foreign.read_plain_lora(sd, TINY_SDXL)
 
 
 def test_real_size_reference_sdxl_file_maps_all_560_attention_layers():
     gen, inventory = torch.Generator().manual_seed(16), rf.sdxl_inventory(REAL_SDXL_CONFIG)
     layers = rf.sdxl_attention_layers(REAL_SDXL_CONFIG)
     factors = {n: rf.random_ortho(out, inp, 1, gen) for n, (out, inp) in layers.items()}
-    weights = readers.read_reference_sdxl(rf.reference_sdxl_state_dict(factors), inventory, min_rank=1)
+    weights = foreign_tlora.read_reference_sdxl(rf.reference_sdxl_state_dict(factors), inventory, min_rank=1)
     assert len(weights.adapters) == 560
     assert set(weights.adapters) == {p for p in inventory if ".attn1." in p or ".attn2." in p}
     for path, (adapter,) in weights.adapters.items():
@@ -387,7 +388,7 @@ def test_real_size_reference_sdxl_file_maps_all_560_attention_layers():
 def test_real_size_reference_flux_file_fills_the_fused_layers():
     gen, inventory, h = torch.Generator().manual_seed(17), rf.flux_inventory(REAL_FLUX_CONFIG), 3072
     factors = {n: rf.random_vanilla(h, h, 1, gen) for n in rf.flux_attention_layers(REAL_FLUX_CONFIG)}
-    weights = readers.read_reference_flux(rf.reference_flux_state_dict(factors, h, 1, gen), inventory,
+    weights = foreign_tlora.read_reference_flux(rf.reference_flux_state_dict(factors, h, 1, gen), inventory,
                                           min_rank=1)
     assert len(weights.adapters) == 19 * 3 + 38
     for path, group in weights.adapters.items():
@@ -411,7 +412,7 @@ def test_lycoris_reports_what_it_cannot_use():
                "lycoris_transformer_blocks_7_attn_to_q.lambda_layer": torch.ones(1, rank),
                "lycoris_transformer_blocks_0_ff_net_2.lora_up.weight": torch.zeros(64, rank),
                "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(rank, 8)})
-    weights = readers.read_lycoris(sd, TINY_FLUX, min_rank=1, base_weights={
+    weights = foreign_tlora.read_lycoris(sd, TINY_FLUX, min_rank=1, base_weights={
         "double_blocks.0.img_attn.proj": weight}, source="l.safetensors")
     assert list(weights.adapters) == ["double_blocks.0.img_attn.proj"]
     # alpha 0 means alpha = rank in LyCORIS: scale 1, so up's first part is p * lambda exactly

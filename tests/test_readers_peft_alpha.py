@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfy_runtime import TINY_FLUX_CONFIG, TINY_SDXL_CONFIG
-from tlora_core.file_format import load_tlora_file
-from tlora_core.keys import ModuleIndex
-from tlora_core.validate import TLoRAFileError
+from tlora_core.files.check import TLoRAFileError
+from tlora_core.files.names import ModuleIndex
+from tlora_core.files.read import load_tlora_file
 
 TINY_FLUX = rf.flux_inventory(TINY_FLUX_CONFIG)
 TINY_SDXL = rf.sdxl_inventory(TINY_SDXL_CONFIG)

@@ -26,8 +26,10 @@ STOCK_WARNINGS = ("lora key not loaded", "NOT LOADED")
 
 @pytest.fixture(scope="module")
 def core(pack):
-    names = ("adapter", "apply", "file_format", "schedule", "validate", "weights")
-    return SimpleNamespace(**{n: importlib.import_module(f"{pack.__name__}.tlora_core.{n}") for n in names})
+    names = ("adapter", "apply", "files.check", "files.read", "files.write", "inventory", "schedule",
+             "weights")
+    return SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{pack.__name__}.tlora_core.{n}")
+                              for n in names})
 
 
 def adapted_layers(family: str, inventory: dict) -> dict[str, list]:
@@ -84,10 +86,10 @@ def test_stock_loader_merges_our_file_as_the_full_rank_tlora(comfy, core, family
     import nodes
 
     dm = tiny_model.model.diffusion_model
-    inventory = core.validate.inventory_from_module(dm)
-    assert core.validate.detect_architecture(inventory) == family
+    inventory = core.inventory.inventory_from_module(dm)
+    assert core.check.detect_architecture(inventory) == family
     weights = trained_tlora(core, family, inventory)
-    path = core.file_format.save_tlora(tmp_path / f"tiny_{family}.safetensors", weights, inventory=inventory)
+    path = core.write.save_tlora(tmp_path / f"tiny_{family}.safetensors", weights, inventory=inventory)
     patch_keys = {f"diffusion_model.{m}.weight" for m in weights.adapters}
 
     # Both stock entry points: the loader function, and the node reading from the loras folder.
@@ -129,10 +131,10 @@ def test_stock_loader_merges_our_file_as_the_full_rank_tlora(comfy, core, family
 @torch.no_grad()
 def test_our_loader_reads_the_same_file_back_on_the_real_model(comfy, core, family, tiny_model, tmp_path):
     dm = tiny_model.model.diffusion_model
-    inventory = core.validate.inventory_from_module(dm)
+    inventory = core.inventory.inventory_from_module(dm)
     weights = trained_tlora(core, family, inventory)
-    path = core.file_format.save_tlora(tmp_path / "t.safetensors", weights, inventory=inventory)
-    loaded = core.file_format.load_tlora_file(path, inventory)
+    path = core.write.save_tlora(tmp_path / "t.safetensors", weights, inventory=inventory)
+    loaded = core.read.load_tlora_file(path, inventory)
     assert loaded.warnings == [] and loaded.adapters.keys() == weights.adapters.keys()
     x = model_inputs(family)
     outputs = []
@@ -150,12 +152,12 @@ def test_our_loader_reads_the_same_file_back_on_the_real_model(comfy, core, fami
 def test_real_size_inventories_are_recognised(comfy, core):
     from comfy_runtime import REAL_FLUX_CONFIG, REAL_SDXL_CONFIG
 
-    sdxl = core.validate.inventory_from_module(
+    sdxl = core.inventory.inventory_from_module(
         comfy.build_model("sdxl", REAL_SDXL_CONFIG, device="meta").diffusion_model)
-    flux = core.validate.inventory_from_module(
+    flux = core.inventory.inventory_from_module(
         comfy.build_model("flux", REAL_FLUX_CONFIG, device="meta").diffusion_model)
-    assert core.validate.detect_architecture(sdxl) == "sdxl"
-    assert core.validate.detect_architecture(flux) == "flux"
+    assert core.check.detect_architecture(sdxl) == "sdxl"
+    assert core.check.detect_architecture(flux) == "flux"
     assert len(adapted_layers("sdxl", sdxl)) == 560            # the reference code's SDXL targets
     assert flux["double_blocks.0.img_attn.qkv"] == (3 * 3072, 3072)
     assert flux["single_blocks.0.linear1"] == (3 * 3072 + 4 * 3072, 3072)

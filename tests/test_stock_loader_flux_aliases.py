@@ -49,8 +49,9 @@ SINGLE_ALIASES = {"attn.to_qkv_mlp_proj": None, "attn.to_out": "proj_out"}
 
 @pytest.fixture(scope="module")
 def core(pack):
-    names = ("file_format", "keys", "validate")
-    return SimpleNamespace(**{n: importlib.import_module(f"{pack.__name__}.tlora_core.{n}") for n in names})
+    names = ("files.read", "files.names", "inventory")
+    return SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{pack.__name__}.tlora_core.{n}")
+                              for n in names})
 
 
 def aliases(config: dict) -> dict[str, str]:
@@ -123,7 +124,7 @@ def setup(runtime, core, style: str):
     import comfy.lora as comfy_lora
 
     base = runtime.build_model("flux")
-    inventory = core.validate.inventory_from_module(base.model.diffusion_model)
+    inventory = core.inventory.inventory_from_module(base.model.diffusion_model)
     key_map = comfy_lora.model_lora_keys_unet(base.model, {})
     spellings = stock_spellings(key_map, runtime.TINY_FLUX_CONFIG, style)
     targets = {name: stock_target(key_map[key]) for name, key in spellings.items()}
@@ -136,15 +137,15 @@ def test_new_flux_spellings_land_where_the_runtime_maps_them(comfy, core, style,
     logging.getLogger(__name__).info("stock spellings on this runtime: %s", spellings)
     assert len(targets) == 6 and all(module in inventory for module, _ in targets.values())
 
-    index = core.keys.ModuleIndex(inventory)
+    index = core.names.ModuleIndex(inventory)
     for name, (module, rows) in targets.items():
-        layer = core.keys.strip_prefix(layer_key(name, style))[0]
-        assert index.resolve(layer) == core.keys.Target(module, rows), name
+        layer = core.names.strip_prefix(layer_key(name, style))[0]
+        assert index.resolve(layer) == core.inventory.Target(module, rows), name
 
     layers = random_layers(inventory, targets)
     path = tmp_path / f"aliases_{style}.safetensors"
     save_file(state_dict(layers, style, lambda name: layer_key(name, style)), str(path))
-    weights = core.file_format.load_tlora_file(path, inventory)
+    weights = core.read.load_tlora_file(path, inventory)
     assert weights.warnings == []                       # no layer lost, nothing unmatched
     got = {module: [a.out_rows for a in group] for module, group in weights.adapters.items()}
     assert got == {module: [rows] for module, rows in targets.values()}

@@ -27,11 +27,11 @@ def node_inputs(family: str, images: int = 1, seed: int = 5, size: int = SIZE):
 def training_data(model, latents, positive, mask=None):
     from comfyui_tlora.training import inputs
 
-    arch = inputs.architecture_of(model.model)
-    samples = inputs.latent_samples(latents, model.model, arch)
+    family = inputs.family_of(model.model)
+    samples = inputs.latent_samples(latents, model.model, family)
     weights = inputs.loss_weights(mask, samples)
     with torch.inference_mode(False):
-        return inputs.prepare_data(model.model, arch, samples, positive, weights, torch.device("cpu"))
+        return inputs.prepare_data(model.model, family, samples, positive, weights, torch.device("cpu"))
 
 
 def train(model, latents, positive, *, mask=None, **config):

@@ -18,6 +18,20 @@ import torch
 DEFAULT_T = 1000
 FLOW_TIMESTEP_SCALE = 1000.0
 """Flow models (FLUX, SD3): the reference code feeds its schedule ``t = 1000 * sigma``."""
+AUTO_MIN_RANK = -1
+"""The nodes' "automatic" min_rank: the file's value where there is a file that stores one, else
+:func:`default_min_rank` of the rank."""
+AUTO_MIN_RANK_TEXT = "-1 = automatic: the value stored in the file, else half the rank (rounded up)"
+"""How the nodes' tooltips say it."""
+
+
+def default_min_rank(rank: int) -> int:
+    """The paper's recommended ``r_min``: half the rank, rounded up, at least 1 (64 -> 32, 7 -> 4).
+
+    The one rule for "half the rank" in the pack: the Train node's default, the readers' default
+    for files that store no schedule, the Preview's, and every message that recommends a value.
+    """
+    return max(1, math.ceil(int(rank) / 2))
 
 
 def validate_schedule(rank: int, min_rank: int, power: float = 1.0, T: int = DEFAULT_T) -> None:
@@ -27,7 +41,7 @@ def validate_schedule(rank: int, min_rank: int, power: float = 1.0, T: int = DEF
     if int(min_rank) != min_rank or not 0 < min_rank <= rank:
         raise ValueError(
             f"min_rank must be an integer in [1, rank={rank}], got {min_rank} "
-            f"(the paper recommends rank/2 = {max(1, rank // 2)})")
+            f"(the paper recommends half the rank: {default_min_rank(rank)})")
     if not math.isfinite(power) or power <= 0:
         raise ValueError(f"schedule power must be a finite number > 0, got {power}")
     if int(T) != T or T < 1:
@@ -35,8 +49,8 @@ def validate_schedule(rank: int, min_rank: int, power: float = 1.0, T: int = DEF
 
 
 def resolve_min_rank(rank: int, min_rank: float) -> int:
-    """``min_rank`` as an absolute rank: a value in (0, 1) is a fraction of ``rank`` (0.5 = half,
-    the paper's recommendation, rounded up, at least 1); a value >= 1 is taken as an integer."""
+    """``min_rank`` as an absolute rank: a value in (0, 1) is a fraction of ``rank``, rounded up and
+    at least 1 (0.5 = :func:`default_min_rank`); a value >= 1 is taken as an integer."""
     if not math.isfinite(min_rank) or min_rank <= 0:
         raise ValueError(f"min_rank must be > 0 (a fraction in (0, 1) or a rank >= 1), got {min_rank}")
     if min_rank < 1:

@@ -1,7 +1,8 @@
 """Checking the trainer's inputs before any GPU work, and turning them into training tensors.
 
-Every check raises ``ValueError`` with a message that says what is wrong and what to do: a latent
-from another model family (channel count), empty or mismatched conditioning, a rank that does not
+Every check raises ``ValueError`` with a message that says what is wrong and what to do: a model
+of a family the pack does not know, a latent from another model family (channel count, 4-D vs
+5-D), empty or mismatched conditioning, a rank that does not
 fit the adapted layers, a min_rank outside [1, rank], zero steps, a subject mask whose size is
 neither the image's nor the latent's. :func:`prepare_data` runs with inference mode off and clones
 every tensor it keeps, because tensors made by other nodes are inference tensors that autograd
@@ -13,57 +14,53 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import comfy.model_base
 import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
+from ..tlora_core import families
 from ..tlora_core.adapter import VARIANTS
-from .targets import TrainTarget
+from ..tlora_core.families import Family, TrainTarget
+from ..tlora_core.schedule import default_min_rank
 
 MAX_RANK = 512
 
 
-def architecture_of(model) -> str:
-    """``"sdxl"`` or ``"flux"`` for a ComfyUI BaseModel; ValueError naming the model otherwise."""
-    if isinstance(model, comfy.model_base.Flux):
-        return "flux"
-    if isinstance(model, comfy.model_base.SDXL):
-        return "sdxl"
-    raise ValueError(f"T-LoRA training supports SDXL and FLUX models; this MODEL is "
-                     f"{type(model).__name__}. Load an SDXL or FLUX checkpoint.")
+def family_of(model) -> Family:
+    """The family of a ComfyUI BaseModel (:func:`tlora_core.families.recognise`); ValueError naming
+    the model's class and the families the pack knows otherwise."""
+    return families.recognise(model)
 
 
-def _context_and_pooled_dims(model, architecture: str) -> tuple[int | None, int | None]:
-    config = model.model_config.unet_config
-    if architecture == "flux":
-        return config.get("context_in_dim"), config.get("vec_in_dim")
-    pooled = model.adm_channels - 6 * 256 if model.adm_channels else None
-    return config.get("context_dim"), pooled
+def _vae_families(channels: int) -> str:
+    known = [f.label for f in families.all_families() if f.latent_channels == channels]
+    return "/".join(known) if known else "another model"
 
 
-def latent_samples(latents: dict, model, architecture: str) -> torch.Tensor:
-    """The LATENT's ``samples`` (N, C, H, W), checked against the model family."""
+def latent_samples(latents: dict, model, family: Family) -> torch.Tensor:
+    """The LATENT's ``samples`` (N, C, H, W), or (N, C, T, H, W) for 5-D families, checked against
+    the model family."""
     if not isinstance(latents, dict) or not torch.is_tensor(latents.get("samples")):
         raise ValueError("latents must be a LATENT (a VAE Encode output), got "
                          f"{type(latents).__name__}")
     samples = latents["samples"]
-    if samples.ndim != 4 or samples.shape[0] < 1 or min(samples.shape[2:]) < 1:
-        raise ValueError(f"the LATENT has shape {tuple(samples.shape)}; expected (images, channels, "
-                         "height, width) with at least one image")
+    layout = "(images, channels, height, width)" if family.latent_ndim == 4 else \
+        "(images, channels, frames, height, width)"
+    if samples.ndim != family.latent_ndim or samples.shape[0] < 1 or min(samples.shape[2:]) < 1:
+        raise ValueError(f"the LATENT has shape {tuple(samples.shape)}; this {family.label} MODEL "
+                         f"expects {layout} with at least one image")
     channels = model.latent_format.latent_channels
     if samples.shape[1] != channels:
-        other = {4: "SD/SDXL", 16: "FLUX/SD3"}.get(samples.shape[1], "another model")
         raise ValueError(
-            f"the LATENT has {samples.shape[1]} channels (made by the VAE of {other}) but this "
-            f"{architecture.upper()} MODEL needs {channels}: encode the image with the VAE of the "
-            "model being trained.")
+            f"the LATENT has {samples.shape[1]} channels (made by the VAE of "
+            f"{_vae_families(samples.shape[1])}) but this {family.label} MODEL needs {channels}: "
+            "encode the image with the VAE of the model being trained.")
     if not bool(torch.isfinite(samples).all()):
         raise ValueError("the LATENT contains NaN or Inf values; re-encode the image")
     return samples
 
 
-def check_conditioning(positive, model, architecture: str, images: int) -> None:
+def check_conditioning(positive, model, family: Family, images: int) -> None:
     """One CONDITIONING entry for every image, or one per image, with the model's widths."""
     if not isinstance(positive, list) or len(positive) == 0:
         raise ValueError("the positive CONDITIONING is empty: connect a text encoder output "
@@ -72,7 +69,7 @@ def check_conditioning(positive, model, architecture: str, images: int) -> None:
         raise ValueError(f"the CONDITIONING has {len(positive)} entries for {images} images: give one "
                          "prompt for all images or exactly one per image (Conditioning Combine "
                          "of per-image prompts, in image order)")
-    ctx_dim, pooled_dim = _context_and_pooled_dims(model, architecture)
+    ctx_dim, pooled_dim = family.conditioning_widths(model.model_config.unet_config)
     for i, entry in enumerate(positive):
         if not isinstance(entry, (list, tuple)) or len(entry) < 2 or not torch.is_tensor(entry[0]):
             raise ValueError(f"CONDITIONING entry {i} is not a [tensor, options] pair")
@@ -81,12 +78,14 @@ def check_conditioning(positive, model, architecture: str, images: int) -> None:
             raise ValueError(f"CONDITIONING entry {i} has shape {tuple(ctx.shape)}: no text tokens. "
                              "Encode a non-empty prompt.")
         if ctx_dim is not None and ctx.shape[-1] != ctx_dim:
-            raise ValueError(f"the CONDITIONING has width {ctx.shape[-1]} but this {architecture.upper()} "
+            raise ValueError(f"the CONDITIONING has width {ctx.shape[-1]} but this {family.label} "
                              f"model expects {ctx_dim}: encode the prompt with the CLIP of the same "
                              "checkpoint as the MODEL.")
         pooled = extra.get("pooled_output") if isinstance(extra, dict) else None
+        if not family.pooled_output:
+            continue
         if pooled is None:
-            raise ValueError(f"CONDITIONING entry {i} has no pooled output; {architecture.upper()} needs "
+            raise ValueError(f"CONDITIONING entry {i} has no pooled output; {family.label} needs "
                              "one: use the model's own CLIP Text Encode node.")
         if pooled_dim is not None and pooled.shape[-1] != pooled_dim:
             raise ValueError(f"the CONDITIONING's pooled output has width {pooled.shape[-1]}, this "
@@ -104,7 +103,7 @@ def check_rank(variant: str, rank: int, min_rank: int, targets: list[TrainTarget
                          f"features); use rank <= {narrowest}")
     if variant in ("tlora", "vanilla") and not 1 <= min_rank <= rank:
         raise ValueError(f"min_rank must be in [1, rank={rank}], got {min_rank} (the paper "
-                         f"recommends rank/2 = {max(1, rank // 2)})")
+                         f"recommends half the rank: {default_min_rank(rank)})")
 
 
 def check_numbers(steps: int, batch_size: int, learning_rate: float, save_every: int,
@@ -174,19 +173,20 @@ class TrainingData:
         return x0, conds, weights
 
 
-def prepare_data(model, architecture: str, samples: torch.Tensor, positive: list,
+def prepare_data(model, family: Family, samples: torch.Tensor, positive: list,
                  weights: torch.Tensor | None, device: torch.device) -> TrainingData:
     """Latents in model space and each image's encoded conditioning (ComfyUI's ``extra_conds``).
 
-    FLUX trains at guidance 1.0, as the reference code (the distilled guidance is for sampling).
+    Families with a distilled guidance input train at ``recipe.training_guidance`` (FLUX: 1.0, as
+    the reference code; the distilled guidance is for sampling).
     """
     latents = model.process_latent_in(samples.detach().clone().float())
     conds = []
     for i in range(latents.shape[0]):
         ctx, extra = positive[i if len(positive) > 1 else 0][:2]
         extra = dict(extra)
-        if architecture == "flux":
-            extra["guidance"] = 1.0
+        if family.recipe.training_guidance is not None:
+            extra["guidance"] = family.recipe.training_guidance
         entry = comfy.sampler_helpers.convert_cond([[ctx.detach().clone(), _clone_tensors(extra)]])
         x = latents[i:i + 1]
         encoded = comfy.samplers.encode_model_conds(model.extra_conds, entry, x, device, "positive",

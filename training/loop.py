@@ -27,10 +27,10 @@ from ..tlora_core.adapter import RankSchedule
 from ..tlora_core.apply import RankState
 from ..tlora_core.weights import TLoRAWeights
 from . import state as state_io
-from .inputs import TrainingData, architecture_of
+from .inputs import TrainingData, family_of
 from .modules import MASKED_VARIANTS, AdapterSet, StepMasks, adapter_memory
 from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
-from .prepare import needs_checkpointing, trainable_model
+from .prepare import trainable_model
 from .targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -183,12 +183,14 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
     ``data`` comes from :func:`training.inputs.prepare_data`; ``resume`` from
     :func:`training.state.load_state` (already checked with :func:`state.check_compatible`).
     """
-    architecture = architecture_of(patcher.model)
+    family = family_of(patcher.model)
+    architecture = family.id
     dm = patcher.model.diffusion_model
-    checkpointing = config.gradient_checkpointing or needs_checkpointing(dm)
+    checkpointing = config.gradient_checkpointing or family.recipe.needs_checkpointing
     if checkpointing and not config.gradient_checkpointing:
-        log.info("T-LoRA Train: gradient checkpointing forced on (FLUX blocks update in place)")
-    targets = find_targets(dm, architecture, config.scope)
+        log.info("T-LoRA Train: gradient checkpointing forced on (%s blocks update in place)",
+                 family.label)
+    targets = find_targets(dm, family, config.scope)
     need = adapter_memory(targets, config.variant, config.rank)
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],

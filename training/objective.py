@@ -10,8 +10,8 @@ instead compares denoised latents, which weights an eps model's error by sigma^2
 - flow models (FLUX): ``sigma ~ U(0, 1)`` unshifted (the reference code), ``x_t = (1 - sigma) x0 +
   sigma * eps``, target the velocity ``eps - x0``; the schedule sees ``t = 1000 * sigma``.
 
-The schedule timesteps equal what :func:`nodes.patch.schedule_timesteps` derives from sigma when
-sampling, so a trained adapter sees the same masks at inference as in training.
+The schedule timesteps follow the one rule of :mod:`.timesteps`, which the Loader applies to the
+sigmas of sampling, so a trained adapter sees the same masks at inference as in training.
 
 The raw output is captured by an outermost ``DIFFUSION_MODEL`` wrapper while the model is called
 through ``BaseModel.apply_model`` with the patcher's transformer options and wrappers, so every
@@ -25,17 +25,21 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import torch
 
-from ..tlora_core.schedule import FLOW_TIMESTEP_SCALE
+from .timesteps import schedule_timesteps, timestep_rule
 
 CAPTURE_KEY = "tlora_train_capture"
 
 
 def objective_kind(model_sampling) -> str:
     """``"eps"`` (discrete SD/SDXL) or ``"flow"`` (FLUX); ValueError for anything else."""
-    if isinstance(model_sampling, comfy.model_sampling.CONST):
+    try:
+        rule = timestep_rule(model_sampling)
+    except ValueError:
+        rule = None
+    if rule == "flow":
         return "flow"
-    if isinstance(model_sampling, comfy.model_sampling.ModelSamplingDiscrete) and type(
-            model_sampling).calculate_denoised is comfy.model_sampling.EPS.calculate_denoised:
+    if rule == "discrete" and type(model_sampling).calculate_denoised is \
+            comfy.model_sampling.EPS.calculate_denoised:
         return "eps"
     raise ValueError("T-LoRA training supports epsilon-prediction models with discrete timesteps "
                      "(SDXL) and flow models (FLUX); this model uses "
@@ -48,7 +52,7 @@ def draw_noise_levels(model_sampling, batch: int, generator: torch.Generator
     """(sigma (B,) float32, schedule timestep (B,) float64), drawn on the CPU from ``generator``."""
     if objective_kind(model_sampling) == "flow":
         sigma = torch.rand(batch, generator=generator, dtype=torch.float64)
-        return sigma.float(), sigma * FLOW_TIMESTEP_SCALE
+        return sigma.float(), schedule_timesteps(model_sampling, sigma, rule="flow")
     n = int(model_sampling.sigmas.shape[0])
     t = torch.randint(0, n, (batch,), generator=generator)
     return model_sampling.sigmas.detach().cpu()[t].float(), t.to(torch.float64)

@@ -19,10 +19,11 @@ backward"). :func:`trainable_model` works around that without changing the MODEL
 - other inference parameters (FLUX's QK-norm scales) are swapped for ordinary clones;
 - every base parameter gets ``requires_grad = False`` (ComfyUI creates them with True, which would
   send gradients into the base weights);
-- optionally each block is wrapped in non-reentrant gradient checkpointing (SDXL ResBlocks and
-  transformer blocks, FLUX double / single blocks). FLUX needs it: its blocks update ``img`` /
-  ``txt`` / ``x`` in place (``+=``), which breaks autograd unless the block's inputs are cloned and
-  its activations recomputed.
+- optionally each block is wrapped in non-reentrant gradient checkpointing (the family's
+  ``checkpoint_blocks``: SDXL ResBlocks and transformer blocks, FLUX double / single blocks). FLUX
+  needs it (``recipe.needs_checkpointing``): its blocks update ``img`` / ``txt`` / ``x`` in place
+  (``+=``), which breaks autograd unless the block's inputs are cloned and its activations
+  recomputed.
 
 Everything is undone in ``finally``, in reverse order, whatever happens inside (Cancel, NaN, OOM):
 the base weights are never written, only swapped objects are put back.
@@ -37,6 +38,8 @@ from contextlib import ExitStack, contextmanager
 import comfy.model_management
 import torch
 import torch.utils.checkpoint
+
+from ..tlora_core import families
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +90,9 @@ def _is_comfy_op(module: torch.nn.Module) -> bool:
     return hasattr(module, "weight_function") and hasattr(module, "bias_function")
 
 
-def _checkpoint_classes() -> tuple[type, ...]:
-    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
-    from comfy.ldm.modules.attention import BasicTransformerBlock
-    from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
-
-    return ResBlock, BasicTransformerBlock, DoubleStreamBlock, SingleStreamBlock
+def checkpoint_blocks(dm: torch.nn.Module, block_names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """The blocks of ``dm`` whose class is named in ``block_names`` (``Family.checkpoint_blocks``)."""
+    return {name: m for name, m in dm.named_modules() if type(m).__name__ in block_names}
 
 
 def _clone_floats(value):
@@ -109,13 +109,6 @@ def _checkpointed(forward: Callable) -> Callable:
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
 
     return run
-
-
-def needs_checkpointing(diffusion_model: torch.nn.Module) -> bool:
-    """True for models whose backward only works with checkpointing (FLUX's in-place blocks)."""
-    from comfy.ldm.flux.layers import DoubleStreamBlock, SingleStreamBlock
-
-    return any(isinstance(m, (DoubleStreamBlock, SingleStreamBlock)) for m in diffusion_model.modules())
 
 
 class _Restorer:
@@ -193,17 +186,14 @@ def _restore_param(module: torch.nn.Module, name: str, param: torch.nn.Parameter
     return restore
 
 
-def _install_checkpointing(dm: torch.nn.Module, undo: _Restorer) -> int:
-    classes = _checkpoint_classes()
-    count = 0
-    for module in dm.modules():
-        if isinstance(module, classes):
-            had_own = "forward" in module.__dict__
-            old = module.__dict__.get("forward")
-            module.forward = _checkpointed(module.forward)
-            undo.push(_restore_attr(module, "forward", old, had_own))
-            count += 1
-    return count
+def _install_checkpointing(dm: torch.nn.Module, undo: _Restorer, block_names: tuple[str, ...]) -> int:
+    blocks = checkpoint_blocks(dm, block_names)
+    for module in blocks.values():
+        had_own = "forward" in module.__dict__
+        old = module.__dict__.get("forward")
+        module.forward = _checkpointed(module.forward)
+        undo.push(_restore_attr(module, "forward", old, had_own))
+    return len(blocks)
 
 
 @contextmanager
@@ -238,7 +228,8 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         stack.callback(undo.undo)
         _freeze_parameters(dm, undo)
         wrapped, cloned = _make_backward_safe(dm, undo)
-        blocks = _install_checkpointing(dm, undo) if gradient_checkpointing else 0
+        names = families.recognise(patcher.model).checkpoint_blocks
+        blocks = _install_checkpointing(dm, undo, names) if gradient_checkpointing else 0
         log.debug("trainable model: %d inference weights wrapped, %d params cloned, %d blocks "
                   "checkpointed", wrapped, cloned, blocks)
         yield train_patcher

@@ -25,9 +25,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .adapter import VARIANTS, LowRankAdapter, RankSchedule
-from .validate import TLoRAFileError
-from .weights import ARCHITECTURES
+from .. import families
+from ..adapter import VARIANTS, LowRankAdapter, RankSchedule
+from .check import TLoRAFileError
 
 FORMAT_VERSION = 1
 KEY_PREFIX = "lora_unet_"
@@ -171,8 +171,8 @@ def parse_header(metadata: Mapping[str, str], source: str) -> Header:
     if variant not in VARIANTS:
         raise _bad(source, f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
     architecture = metadata.get("tlora.architecture", "")
-    if architecture not in ARCHITECTURES:
-        raise _bad(source, f"unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+    if architecture not in families.ids():
+        raise _bad(source, f"unknown architecture {architecture!r} (known: {', '.join(families.ids())})")
     rank = _number(metadata, "tlora.rank", int, source)
     parts = _number(metadata, "tlora.parts", int, source)
     if rank < 1 or parts < 1:

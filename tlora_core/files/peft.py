@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .validate import TLoRAFileError
+from .check import TLoRAFileError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The T-LoRA file: writing it, reading it, and the one entry point that reads any LoRA file.
+"""Writing the T-LoRA file.
 
 Our file is an ordinary kohya-style LoRA that every stock loader reads: per adapted module
 ``lora_unet_<path>.lora_down.weight`` (k, in), ``.lora_up.weight`` (out, k) and ``.alpha`` = k, so
@@ -7,11 +7,7 @@ full rank (t = 0, every mask column on). Ortho-LoRA (paper Eq. 8) is stored as
 ``up = [B S | -B_init S_init]``, ``down = [A; A_init]``; several adapters on one fused module (FLUX
 qkv / linear1) as one block-diagonal pair whose rows outside every adapter are zero. The rank
 schedule (paper Eq. 6, with the reference code's exponent) and the column grouping the mask needs
-live in string metadata (see :mod:`tlora_core.file_layout`).
-
-:func:`load_tlora_file` detects the format of any supported file, dispatches to the matching
-reader, applies the caller's ``min_rank`` / ``power`` and validates the result (see
-:mod:`tlora_core.validate`) before returning anything.
+live in string metadata (see :mod:`.layout`). Reading it back: :mod:`.read`.
 """
 
 from __future__ import annotations
@@ -19,21 +15,22 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import stat
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from . import readers
-from .adapter import VARIANTS, LowRankAdapter, RankSchedule
-from .file_layout import (
+from .. import families
+from ..adapter import VARIANTS, LowRankAdapter
+from ..inventory import Inventory
+from ..weights import TLoRAWeights
+from .check import check_finite
+from .layout import (
     HEADER_KEYS,
     MASKED_VARIANTS,
     UNMASKED_VARIANTS,
@@ -44,29 +41,18 @@ from .file_layout import (
     encode_header,
     module_key,
 )
-from .file_read import read_state_dict, read_tlora
-from .peft_config import LoraConfigScale, find_lora_config
-from .readers import detect_format
-from .schedule import resolve_min_rank
-from .validate import Inventory, TLoRAFileError, check_finite, validate_weights
-from .weights import ARCHITECTURES, TLoRAWeights
 
 log = logging.getLogger(__name__)
 
-MODELSPEC_ARCHITECTURE = {"sdxl": "stable-diffusion-xl-v1-base/lora", "flux": "flux-1-dev/lora"}
-SS_BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "flux": "flux1"}
 SAVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-__all__ = ["save_tlora", "load_tlora_file", "detect_format", "read_state_dict", "read_tlora",
-           "TLoRAFileError"]
 
 
 def _file_header(weights: TLoRAWeights) -> Header:
     if weights.variant not in VARIANTS:
         raise ValueError(f"unknown variant {weights.variant!r} (known: {', '.join(VARIANTS)})")
-    if weights.architecture not in ARCHITECTURES:
+    if weights.architecture not in families.ids():
         raise ValueError(f"cannot save for architecture {weights.architecture!r} "
-                         f"(known: {', '.join(ARCHITECTURES)})")
+                         f"(known: {', '.join(families.ids())})")
     adapters = [a for group in weights.adapters.values() for a in group]
     if not adapters:
         raise ValueError("there are no adapters to save")
@@ -127,16 +113,15 @@ def _standard_metadata(path: Path, header: Header, tensors: Mapping[str, torch.T
         f"rank {s.rank}, min_rank {s.min_rank}, power {s.power:g}, T {s.T}"
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCHITECTURE[header.architecture],
         "modelspec.title": path.stem,
         "modelspec.date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": dim,
-        "ss_base_model_version": SS_BASE_MODEL_VERSION[header.architecture],
         "ss_training_comment": (
             f"T-LoRA ({header.variant}, {schedule}). Stock LoRA loaders apply it as a plain LoRA at "
             "full rank (t = 0); a T-LoRA loader applies the timestep-dependent rank mask."),
+        **families.get(header.architecture).file_labels,
     }
 
 
@@ -244,108 +229,3 @@ def save_tlora(path: str | os.PathLike, weights: TLoRAWeights, *,
     log.info("saved T-LoRA %s: %d layers, %d with an explicit layout", path.name,
              len(tensors) // 3, len(layout))
     return path
-
-
-def _check_overrides(min_rank: float | None, power: float | None) -> None:
-    if min_rank is not None and (isinstance(min_rank, bool) or not math.isfinite(min_rank)
-                                 or min_rank <= 0 or (min_rank >= 1 and int(min_rank) != min_rank)):
-        raise ValueError(f"min_rank must be a whole rank >= 1 or a fraction in (0, 1), got {min_rank}")
-    if power is not None and not (math.isfinite(power) and power > 0):
-        raise ValueError(f"power must be a finite number > 0, got {power}")
-
-
-def _override_schedule(weights: TLoRAWeights, min_rank: float | None,
-                       power: float | None) -> TLoRAWeights:
-    """Our file with the caller's min_rank (a rank, capped at each layer's rank, or a fraction of
-    it) and power; unmasked adapters stay unmasked. Equal schedules stay one object (one mask)."""
-    if min_rank is None and power is None:
-        return weights
-    memo: dict[RankSchedule, RankSchedule] = {}
-
-    def override(s: RankSchedule | None) -> RankSchedule | None:
-        if s is None:
-            return None
-        if s not in memo:
-            m = s.min_rank if min_rank is None else resolve_min_rank(s.rank, min(min_rank, s.rank))
-            memo[s] = RankSchedule(s.rank, m, s.power if power is None else power, s.T)
-        return memo[s]
-
-    adapters = {name: [replace(a, schedule=override(a.schedule), _device_copies={}) for a in group]
-                for name, group in weights.adapters.items()}
-    return replace(weights, adapters=adapters, schedule=override(weights.schedule))
-
-
-def _read_foreign(fmt: str, sd: dict[str, torch.Tensor], inventory: Inventory, *,
-                  min_rank: float | None, power: float | None, rank_refactor: bool,
-                  base_weights: Mapping[str, torch.Tensor] | None, source: str,
-                  lora_config: LoraConfigScale | None = None) -> TLoRAWeights:
-    if fmt == "unknown":
-        sample = ", ".join(f"'{k}'" for k in list(sd)[:4]) or "(no tensors)"
-        raise TLoRAFileError(
-            f"{source}: not a LoRA or T-LoRA file this loader knows (first keys: {sample}). It reads "
-            "T-LoRA files written by this pack, the T-LoRA reference code's SDXL/FLUX files, LyCORIS "
-            "'tlora' files and kohya/diffusers LoRA files.")
-    common = {"min_rank": min_rank, "power": power, "source": source}
-    try:
-        if fmt == "lora":
-            return readers.read_plain_lora(sd, inventory, refactor=rank_refactor,
-                                           lora_config=lora_config, **common)
-        if fmt == "lycoris":
-            return readers.read_lycoris(sd, inventory, base_weights=base_weights, **common)
-        reader = {"reference-sdxl": readers.read_reference_sdxl,
-                  "reference-flux": readers.read_reference_flux}[fmt]
-        return reader(sd, inventory, **common)
-    except TLoRAFileError:
-        raise
-    except ValueError as err:
-        raise TLoRAFileError(f"{source}: {err}") from err
-
-
-def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: float | None = None,
-                    power: float | None = None, rank_refactor: bool = False,
-                    base_weights: Mapping[str, torch.Tensor] | None = None) -> TLoRAWeights:
-    """Read any supported LoRA / T-LoRA file for the model described by ``inventory``.
-
-    Detects the format (our T-LoRA file, the reference code's SDXL / FLUX files, LyCORIS ``tlora``,
-    plain kohya / diffusers LoRA), reads it onto the model's module paths, and validates the result.
-    A diffusers / PEFT LoRA is scaled by the ``lora_alpha / r`` of its PEFT config (its
-    ``lora_adapter_metadata`` metadata, else an ``adapter_config.json`` in its folder).
-
-    Args:
-        path: ``.safetensors`` (any format) or ``.pt`` / ``.pth`` / ``.bin`` (tensors-only pickle,
-            read with ``weights_only=True``).
-        inventory: the target model's ``{path: (out_features, in_features)}``
-            (:func:`tlora_core.validate.inventory_from_module`).
-        min_rank: overrides the file's: a rank (capped at each layer's rank) or a fraction in
-            (0, 1) of each layer's rank. Files without a schedule (the reference code's) default
-            to rank / 2, with a warning.
-        power: overrides the file's schedule exponent (default 1, the paper's linear schedule).
-        rank_refactor: re-factor a plain LoRA into orthogonal components sorted by singular value
-            so the rank schedule can be applied to it.
-        base_weights: ``{module path: weight}`` of the model; only LyCORIS ``tlora`` files need it
-            (they do not store their frozen factors, which are rebuilt from the base weights).
-    Raises:
-        TLoRAFileError: the file cannot be used; nothing is returned half-read.
-        ValueError: ``min_rank`` / ``power`` are out of range.
-    """
-    _check_overrides(min_rank, power)
-    path = Path(path)
-    source = path.name
-    sd, metadata = read_state_dict(path)
-    check_finite(sd, source)
-    fmt = detect_format(sd.keys(), metadata)
-    unmatched: list[str] = []
-    # An unscheduled LoRA of ours is a plain kohya LoRA: re-factoring it is the plain reader's job.
-    refactor_ours = rank_refactor and fmt == "tlora" and metadata.get("tlora.variant") == "lora" \
-        and "tlora.min_rank" not in metadata
-    if fmt == "tlora" and not refactor_ours:
-        weights, unmatched = read_tlora(sd, metadata, inventory, source=source)
-        weights = _override_schedule(weights, min_rank, power)
-    else:
-        fmt = "lora" if fmt == "tlora" else fmt
-        lora_config = find_lora_config(path, metadata, sd) if fmt == "lora" else None
-        weights = _read_foreign(fmt, sd, inventory, min_rank=min_rank, power=power,
-                                rank_refactor=rank_refactor, base_weights=base_weights,
-                                source=source, lora_config=lora_config)
-        weights = replace(weights, metadata=weights.metadata or dict(metadata))
-    return validate_weights(weights, inventory, source, file_keys=list(sd), unmatched_keys=unmatched)

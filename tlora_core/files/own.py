@@ -1,26 +1,22 @@
-"""Reading files safely, and reading our own T-LoRA format.
+"""Reading our own T-LoRA format (see :mod:`tlora_core.files.layout`).
 
-Only two ways in: safetensors (never executes anything), and for ``.pt`` / ``.pth`` / ``.bin``
-``torch.load(..., weights_only=True)`` accepting nothing but a flat dict of tensors. Every failure
-becomes a :class:`~tlora_core.validate.TLoRAFileError` naming the file.
-
-Our format (see :mod:`tlora_core.file_layout`): each ``lora_unet_<path>`` pair is split back into
-the adapters it was written from; the stored product is kept exactly (alpha / k is folded into
-``up``, so this loader and a stock LoRA loader agree at full rank).
+Each ``lora_unet_<path>`` pair is split back into the adapters it was written from; the stored
+product is kept exactly (alpha / k is folded into ``up``, so this reader and a stock LoRA loader
+agree at full rank).
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .adapter import LowRankAdapter
-from .file_layout import (
+from ..adapter import LowRankAdapter
+from ..inventory import Inventory
+from ..weights import TLoRAWeights
+from .check import TLoRAFileError
+from .layout import (
     KEY_PREFIX,
     Block,
     Header,
@@ -29,63 +25,10 @@ from .file_layout import (
     module_key,
     parse_header,
 )
-from .validate import Inventory, TLoRAFileError
-from .weights import TLoRAWeights
 
 log = logging.getLogger(__name__)
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 PAIR_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")     # torch's zip container, a raw pickle stream
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise TLoRAFileError(
-            f"{path.name}: refused: the pickle holds objects other than tensors, and loading it "
-            "could run code. Convert it to .safetensors with a tool you trust.") from err
-    except Exception as err:  # torch raises many different types for damaged archives
-        raise TLoRAFileError(f"{path.name}: cannot be read as a PyTorch file, it is corrupt or "
-                             f"truncated ({type(err).__name__}: {err}). Download it again.") from err
-    if not isinstance(data, dict):
-        raise TLoRAFileError(f"{path.name}: holds a {type(data).__name__}, not a dict of tensors.")
-    for key, value in data.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise TLoRAFileError(
-                f"{path.name}: entry {key!r} is a {type(value).__name__}, not a tensor. Only flat "
-                "dicts of tensors are read; extract the LoRA weights into a .safetensors file.")
-    return data
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
-    except Exception as err:  # SafetensorError, OSError, ValueError: all mean "unreadable"
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-        if head.startswith(_PICKLE_MAGIC):
-            raise TLoRAFileError(
-                f"{path.name}: not a safetensors file (it looks like a PyTorch pickle). Only "
-                f".safetensors, or {'/'.join(PICKLE_SUFFIXES)} files holding tensors only, are "
-                "read.") from err
-        raise TLoRAFileError(
-            f"{path.name}: not a valid safetensors file: it is corrupt, truncated or of another "
-            f"kind ({err}). Download or save it again.") from err
-
-
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(tensors, metadata)`` of a ``.safetensors`` file, or of a tensors-only ``.pt/.pth/.bin``
-    (metadata ``{}``). Raises TLoRAFileError for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise TLoRAFileError(f"{path.name}: no such file ({path.parent}).")
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _read_pickle(path), {}
-    return _read_safetensors(path)
 
 
 def _group_pairs(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str, dict], list[str]]:
@@ -160,7 +103,7 @@ def _adapters_for(module: str, entry: dict[str, torch.Tensor], header: Header,
     return adapters
 
 
-def read_tlora(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], inventory: Inventory, *,
+def read_own_format(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str], inventory: Inventory, *,
                source: str) -> tuple[TLoRAWeights, list[str]]:
     """Our format -> ``(weights, unmatched file keys)``; shapes are checked by the validator."""
     header = parse_header(metadata, source)

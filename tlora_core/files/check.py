@@ -1,12 +1,12 @@
 """Checks applied to every T-LoRA / LoRA file before anything of it is used.
 
-Contract: :func:`tlora_core.file_format.load_tlora_file` either returns a :class:`TLoRAWeights`
+Contract: :func:`tlora_core.files.read.load_tlora_file` either returns a :class:`TLoRAWeights`
 whose every adapter fits a Linear layer of the target model, or raises :class:`TLoRAFileError`
 (a ``ValueError``) whose message names the file, says what is wrong and what to do. Nothing is
 returned half-checked, so nothing is half-applied.
 
-The target model is described by an *inventory*: ``{module path: (out_features, in_features)}`` of
-its Linear layers, paths as ComfyUI names them inside the diffusion model (no ``diffusion_model.``).
+The target model is described by its inventory (:mod:`tlora_core.inventory`). Which family a
+file looks made for is guessed from its metadata and key names, for the message when nothing fits.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from dataclasses import replace
 
 import torch
 
-from .weights import TLoRAWeights
+from .. import families
+from ..inventory import Inventory
+from ..weights import TLoRAWeights
 
 log = logging.getLogger(__name__)
 
-Inventory = Mapping[str, tuple[int, int]]
-
+# What a file can look made for: the known families, and a few the pack does not load.
 ARCHITECTURE_LABELS = {
-    "sdxl": "SDXL", "flux": "FLUX", "sd3": "SD3", "sd1": "SD 1.x/2.x",
+    **{f.id: f.label for f in families.all_families()}, "sd3": "SD3", "sd1": "SD 1.x/2.x",
     "text-encoder": "text encoders only", "unknown": "an unrecognised model",
 }
 
@@ -35,23 +36,12 @@ class TLoRAFileError(ValueError):
     """A LoRA / T-LoRA file that cannot be used; the message names the file and the fix."""
 
 
-def inventory_from_module(diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """``{path: (out_features, in_features)}`` of every ``nn.Linear`` in ``diffusion_model``.
-
-    Works on models built on torch's ``meta`` device (shapes without memory).
-    """
-    return {name: (int(mod.out_features), int(mod.in_features))
-            for name, mod in diffusion_model.named_modules() if isinstance(mod, torch.nn.Linear)}
-
-
 def detect_architecture(inventory: Inventory) -> str:
-    """``"flux"``, ``"sdxl"`` or ``"unknown"`` from the module paths of a diffusion model."""
-    if any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory):
-        return "flux"
-    # SDXL's UNet is the LDM UNet with a pooled-text/size embedding (label_emb); SD 1.x has none.
-    if any(p.startswith("input_blocks.") for p in inventory) and "label_emb.0.0" in inventory:
-        return "sdxl"
-    return "unknown"
+    """The id of the family whose module names the inventory shows, or ``"unknown"``."""
+    try:
+        return families.from_inventory(inventory).id
+    except families.UnknownFamily:
+        return "unknown"
 
 
 _FLUX_KEY = re.compile(r"(double|single)[._]blocks|(^|[._])(single_)?transformer[._]blocks[._]\d+[._]attn[._]")

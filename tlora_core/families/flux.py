@@ -1,0 +1,62 @@
+"""FLUX.1: ComfyUI's BFL transformer (double + single blocks, fused qkv), flow sampling.
+
+``model_base.Flux2`` and ``model_base.Chroma`` subclass ``model_base.Flux`` but are other families:
+recognition by exact class name keeps them out of this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..inventory import Inventory
+from . import bfl_names
+from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
+
+
+def _is_bfl_transformer(inventory: Inventory) -> bool:
+    return any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory)
+
+
+def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    return unet_config.get("context_in_dim"), unet_config.get("vec_in_dim")
+
+
+FAMILY = Family(
+    id="flux",
+    label="FLUX",
+    description="a FLUX transformer",
+    model_classes=("Flux",),
+    recognise_inventory=_is_bfl_transformer,
+    timestep="flow",
+    latent_channels=16,
+    pooled_output=True,
+    # The reference code's layers: per double block q/k/v of img and txt attention (three adapters
+    # on the rows of each fused qkv) and img_attn.proj (to_out); per single block the q/k/v rows of
+    # linear1. It never trains txt_attn.proj nor a single block's output. attention+ff adds the
+    # MLPs: img_mlp / txt_mlp, the MLP rows of linear1 and all of linear2.
+    layers=(
+        Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
+        Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
+        Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
+        Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
+        Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
+        Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
+    ),
+    recipe=Recipe(
+        variant="vanilla", rank=32, needs_checkpointing=True, training_guidance=1.0,
+        why="FLUX: Vanilla T-LoRA at rank 32, the only way the reference code trains FLUX (its "
+            "script uses min_rank 1; the default here is the paper's half)."),
+    file_labels={"modelspec.architecture": "flux-1-dev/lora", "ss_base_model_version": "flux1"},
+    foreign_names=bfl_names.diffusers_names,
+    conditioning_widths=_conditioning_widths,
+    checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
+    # FLUX.1-dev as ComfyUI detects it (19 double blocks, 38 single blocks, hidden 3072).
+    real_config={
+        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+        "patch_size": 2, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
+        "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
+        "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+    },
+    position=20,
+)
