@@ -70,7 +70,7 @@ def make_tlora(pack, patcher, rank: int, seed: int = 0):
     import torch
 
     adapter_mod = pack.tlora_core.adapter
-    schedule = adapter_mod.RankSchedule(rank, rank // 2)
+    schedule = adapter_mod.RankSchedule(rank, pack.tlora_core.schedule.default_min_rank(rank))
     gen = torch.Generator().manual_seed(seed)
     adapters = {}
     for name, (out_f, in_f) in attention_linears(patcher).items():

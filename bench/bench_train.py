@@ -90,15 +90,17 @@ def _setup(family: str, inference_weights: bool):
 
 def _ours(family: str, variant: str, rank: int, checkpointing: bool, model, latents, positive):
     import torch
+    from comfyui_tlora.tlora_core.schedule import default_min_rank
     from comfyui_tlora.training import inputs, loop
 
     with torch.inference_mode():
         samples = torch.cat([lat["samples"] for lat in latents])
         with torch.inference_mode(False):
-            data = inputs.prepare_data(model.model, family, samples, positive, None, torch.device("cpu"))
+            data = inputs.prepare_data(model.model, inputs.family_of(model.model), samples, positive, None,
+                                       torch.device("cpu"))
 
     def run(steps: int) -> None:
-        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=max(1, rank // 2), steps=steps,
+        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=default_min_rank(rank), steps=steps,
                                   gradient_checkpointing=checkpointing, compute_dtype="fp32")
         with torch.inference_mode():
             loop.train(model, data, config)
@@ -204,13 +206,14 @@ def mask_work(family: str, rank: int, repeats: int = 15) -> dict:
     import torch
 
     model, _, _ = _setup(family, False)
+    from comfyui_tlora.tlora_core.schedule import default_min_rank
     from comfyui_tlora.training import loop, modules, targets
     found = targets.find_targets(model.model.diffusion_model, family)
     out = {}
     for variant in ("vanilla", "lora", "tlora", "ortho"):
-        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=max(1, rank // 2))
+        config = loop.TrainConfig(variant=variant, rank=rank, min_rank=default_min_rank(rank))
         adapters = modules.AdapterSet(found, variant, rank, seed=0)
-        adapters.attach(model.model.diffusion_model, modules.StepMasks(config.schedule(), torch.device("cpu")))
+        adapters.attach(model.model.diffusion_model, modules.RankState(strict=True), config.schedule())
         best = float("inf")
         with torch.enable_grad():
             for _ in range(repeats):

@@ -7,7 +7,7 @@ schedule, by the model family's rule (:mod:`training.timesteps`: the discrete ti
 ``1000 * sigma`` on FLUX).
 
 Mechanism. One :class:`TLoRAPatch` per applied file holds the adapters, the strength and a
-:class:`tlora_core.apply.RankState`. It is registered on the clone under one unique key as
+:class:`tlora_core.masks.RankState`. It is registered on the clone under one unique key as
 - a ``PatcherInjection``: forward hooks on the target modules, added when ComfyUI injects the
   model (``patch_model`` / end of ``use_ejected``) and removed on eject (``unpatch_model``,
   ``detach``, start of ``use_ejected``), so the unpatched model is exactly the base model;
@@ -26,7 +26,8 @@ import uuid
 import comfy.patcher_extension
 import torch
 
-from ..tlora_core.apply import RankState, attach, detach
+from ..tlora_core.apply import attach, detach
+from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
 from ..training.timesteps import model_rule, schedule_timesteps, timestep_rule
 

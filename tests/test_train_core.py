@@ -178,16 +178,17 @@ def test_sliced_rank_equals_the_mask(tr, variant):
 
 
 @pytest.mark.parametrize("variant", ["tlora", "vanilla"])
-def test_step_masks_slice_to_the_batch_max_rank_and_mask_the_rest(tr, pack, variant):
+def test_step_plan_slices_to_the_batch_max_rank_and_masks_the_rest(tr, pack, variant):
     # Samples at ranks 3 and 4 of 6 (r_min 2): columns 4, 5 are sliced away for both, column 3 is
     # masked for the first sample only; each sample must equal its own full-mask delta.
     from comfyui_tlora.tlora_core.adapter import RankSchedule
 
     adapter = _perturbed(tr, variant)
-    masks = tr.modules.StepMasks(RankSchedule(6, 2), torch.device("cpu"))
+    state = tr.modules.RankState(strict=True)
     t = torch.tensor([600.0, 400.0])
-    masks.set(t)
-    mask, rank = masks.get()
+    state.set(t)
+    plan = state.plan(RankSchedule(6, 2), torch.device("cpu"))
+    mask, rank = plan.mask, plan.keep
     assert rank == 4 and mask.shape == (2, 4) and mask[0].tolist() == [1, 1, 1, 0]
     x = torch.randn(2, 5, 20)
     got = adapter.delta(x, mask, rank)

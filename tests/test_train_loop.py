@@ -50,8 +50,8 @@ def test_ortho_init_leaves_the_model_output_unchanged(family, tl):
             base, _ = _prediction(tp, data, sigma)
             found = targets.find_targets(tp.model.diffusion_model, family)
             adapters = modules.AdapterSet(found, "tlora", 4, seed=0)
-            masks = modules.StepMasks(loop.TrainConfig(rank=4, min_rank=2).schedule(), torch.device("cpu"))
-            adapters.attach(tp.model.diffusion_model, masks)
+            adapters.attach(tp.model.diffusion_model, modules.RankState(strict=True),
+                            loop.TrainConfig(rank=4, min_rank=2).schedule())
             try:
                 adapters.begin_step(torch.tensor([999.0, 500.0, 10.0]))
                 with_adapters, _ = _prediction(tp, data, sigma)
@@ -75,9 +75,8 @@ def _perturbed_gradients(tl, family, variant, rank, min_rank, timesteps, checkpo
             with torch.no_grad():
                 for p in adapters.parameters():
                     p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-            masks = modules.StepMasks(loop.TrainConfig(rank=rank, min_rank=min_rank).schedule(),
-                                      torch.device("cpu"))
-            adapters.attach(tp.model.diffusion_model, masks)
+            schedule = loop.TrainConfig(rank=rank, min_rank=min_rank).schedule()
+            adapters.attach(tp.model.diffusion_model, modules.RankState(strict=True), schedule)
             try:
                 adapters.begin_step(torch.tensor(timesteps, dtype=torch.float32))
                 pred, target = _prediction(tp, data, _sigmas(model, timesteps))
@@ -243,15 +242,14 @@ def test_each_sample_gets_the_mask_of_its_own_timestep(tl):
                 model, gradient_checkpointing=False) as tp:
             found = targets.find_targets(tp.model.diffusion_model, "sdxl")
             adapters = modules.AdapterSet(found, "tlora", rank, seed=0)
-            masks = modules.StepMasks(loop.TrainConfig(rank=rank, min_rank=min_rank).schedule(),
-                                      torch.device("cpu"))
+            schedule = loop.TrainConfig(rank=rank, min_rank=min_rank).schedule()
             predictor = objective.NativePredictor(tp)
             x0, conds, _ = data.batch([0, 0], torch.device("cpu"))
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
             t = torch.tensor([999.0, 0.0])
             sigma = _sigmas(model, [999, 0])
             x_t, target = objective.noisy_input_and_target(tp.model.model_sampling, x0, noise, sigma)
-            adapters.attach(tp.model.diffusion_model, masks)
+            adapters.attach(tp.model.diffusion_model, modules.RankState(strict=True), schedule)
             grads = {}
             try:
                 for name, idx in (("batch", [0, 1]), ("high", [0]), ("low", [1])):

@@ -24,11 +24,11 @@ import comfy.model_management
 import torch
 
 from ..tlora_core.adapter import RankSchedule
-from ..tlora_core.apply import RankState
+from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
 from . import state as state_io
 from .inputs import TrainingData, family_of
-from .modules import MASKED_VARIANTS, AdapterSet, StepMasks, adapter_memory
+from .modules import MASKED_VARIANTS, AdapterSet, adapter_memory
 from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
 from .prepare import trainable_model
 from .targets import find_targets
@@ -203,10 +203,9 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         if resume is not None:
             state_io.restore(resume, adapters, optimizer)
             start, losses = resume.step, list(resume.losses)
-        masks = StepMasks(config.schedule(), device)
         predictor = NativePredictor(tp)
         identity = _identity(config, architecture)
-        adapters.attach(tp.model.diffusion_model, masks)
+        adapters.attach(tp.model.diffusion_model, RankState(strict=True), config.schedule())
         try:
             for step in range(start, config.steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()

@@ -6,9 +6,10 @@ Per adapted Linear (or row range of a fused Linear) and per sample b with mask `
   train, ``A0 = A_init``, ``B0``, ``S0`` are frozen copies of the Ortho init.
 - Vanilla T-LoRA (Eq. 5): ``delta = up diag(m_b) down x``; plain LoRA: no mask.
 
-Ortho-LoRA without mask and plain LoRA use ``m_b = 1``. When every sample of a step has the same
-active rank (always at batch size 1) the mask is applied by slicing the factors to their first
-r(t) columns instead: same values, fewer FLOPs. The adapter math runs in float32 whatever the base
+Ortho-LoRA without mask and plain LoRA use ``m_b = 1``. The masks are the Loader's mechanism,
+:class:`tlora_core.masks.RankState` (strict, set for the whole step): its column plan slices the
+factors to the batch's largest active rank (at batch size 1 the only one) and masks per sample
+only the columns in between, so the same values cost fewer FLOPs. The adapter math runs in float32 whatever the base
 model's dtype and is cast to the layer output's dtype once, after the addition, as in
 :mod:`tlora_core.apply`.
 
@@ -36,7 +37,7 @@ import torch
 
 from ..tlora_core.adapter import LowRankAdapter, RankSchedule, lowrank_delta
 from ..tlora_core.init import ortho_init, vanilla_init
-from ..tlora_core.schedule import active_rank, rank_mask
+from ..tlora_core.masks import RankState
 from .targets import TrainTarget
 
 ORTHO_VARIANTS = ("tlora", "ortho")
@@ -193,50 +194,6 @@ class TrainableAdapter(torch.nn.Module):
                               self.parts, self.target.out_rows)
 
 
-class StepMasks:
-    """The per-sample rank masks of the current training step, shared by every adapter.
-
-    ``set(timesteps)`` computes ``M_{t_b}`` once per step (paper Eq. 6 with the reference exponent);
-    it stays valid until ``clear`` so gradient checkpointing recomputes identical forwards. When all
-    samples share one active rank (always at batch size 1) it is kept as that rank, and adapters
-    slice their factors instead of multiplying by a mask.
-    """
-
-    def __init__(self, schedule: RankSchedule | None, device: torch.device) -> None:
-        self.schedule = schedule
-        self.device = device
-        self._mask: torch.Tensor | None = None
-        self._rank: int | None = None
-        if schedule is not None:
-            self._rank_index = torch.arange(schedule.rank, device=device)
-
-    def set(self, timesteps: torch.Tensor) -> None:
-        self.clear()
-        if self.schedule is None:
-            return
-        s = self.schedule
-        active = active_rank(timesteps, s.rank, s.min_rank, s.power, s.T).cpu()
-        # Columns at or beyond the batch's largest active rank are masked for every sample: slice
-        # them away, and mask only the columns in between per sample.
-        self._rank = int(active.max())
-        if not bool((active == active[0]).all()):
-            self._mask = rank_mask(active.to(self.device), self._rank_index[:self._rank], ADAPTER_DTYPE)
-
-    def clear(self) -> None:
-        self._mask = None
-        self._rank = None
-
-    def get(self) -> tuple[torch.Tensor | None, int | None]:
-        """``(mask (B, r_max) or None, r_max)``: adapters keep the first ``r_max`` (the batch's
-        largest active rank) columns, and multiply them by the per-sample mask when the samples'
-        ranks differ; (None, None) if unmasked."""
-        if self.schedule is None:
-            return None, None
-        if self._mask is None and self._rank is None:
-            raise RuntimeError("T-LoRA training: a layer ran outside a training step (no timesteps set)")
-        return self._mask, self._rank
-
-
 def _add_rows(output: torch.Tensor, deltas: list[tuple[tuple[int, int] | None, torch.Tensor]]) -> torch.Tensor:
     """``output + sum of deltas`` placed on their row ranges, summed in float32, cast back once."""
     width = output.shape[-1]
@@ -272,7 +229,8 @@ class AdapterSet(torch.nn.Module):
         self.adapters = torch.nn.ModuleList(
             TrainableAdapter(t, variant, rank, generator, ortho_mode) for t in self.targets)
         self._handles: list = []
-        self._masks: StepMasks | None = None
+        self._state: RankState | None = None
+        self._schedule: RankSchedule | None = None
 
     def keys(self) -> list[str]:
         return [adapter_key(t) for t in self.targets]
@@ -283,20 +241,25 @@ class AdapterSet(torch.nn.Module):
             groups.setdefault(adapter.target.module, []).append(adapter)
         return groups
 
-    def attach(self, diffusion_model: torch.nn.Module, masks: StepMasks) -> None:
-        """Register one forward hook per adapted module (idempotent per run: detach first)."""
+    def attach(self, diffusion_model: torch.nn.Module, state: RankState,
+               schedule: RankSchedule | None) -> None:
+        """Register one forward hook per adapted module (idempotent per run: detach first).
+
+        ``state`` gives each step's masks (a ``RankState(strict=True)``: a layer that runs outside
+        a step raises); ``schedule``: the run's ``r(t)``, None for the unmasked variants.
+        """
         self.detach()
-        self._masks = masks
+        self._state, self._schedule = state, schedule
         for name, group in self.by_module().items():
             module = diffusion_model.get_submodule(name)
-            self._handles.append(module.register_forward_hook(_training_hook(group, masks)))
+            self._handles.append(module.register_forward_hook(_training_hook(group, state, schedule)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
         self.end_step()
-        self._masks = None
+        self._state = self._schedule = None
 
     def begin_step(self, timesteps: torch.Tensor) -> None:
         """Set the step's rank masks from ``timesteps`` and build every adapter's factors once.
@@ -304,10 +267,10 @@ class AdapterSet(torch.nn.Module):
         Call it outside any checkpointed block (the loop does): a checkpoint's recomputation then
         reuses the same factor tensors instead of rebuilding them, and their backward runs once.
         """
-        if self._masks is None:
+        if self._state is None:
             raise RuntimeError("T-LoRA training: begin_step before attach")
-        self._masks.set(timesteps)
-        _, rank = self._masks.get()
+        self._state.set(timesteps)
+        rank = _plan(self._state, self._schedule, timesteps.device)[1]
         ortho = [a for a in self.adapters if a.ortho]
         if ortho:
             built = _OrthoStepFactors.apply(rank, [(a.A_init, a.B_init, a.S_init) for a in ortho],
@@ -320,8 +283,8 @@ class AdapterSet(torch.nn.Module):
 
     def end_step(self) -> None:
         """Clear the step's masks and drop its factors (and the autograd graph they hold)."""
-        if self._masks is not None:
-            self._masks.clear()
+        if self._state is not None:
+            self._state.clear()
         for adapter in self.adapters:
             adapter.step_factors = None
 
@@ -333,10 +296,17 @@ class AdapterSet(torch.nn.Module):
                 for name, group in self.by_module().items()}
 
 
-def _training_hook(group: list[TrainableAdapter], masks: StepMasks):
+def _plan(state: RankState, schedule: RankSchedule | None,
+          device: torch.device) -> tuple[torch.Tensor | None, int | None]:
+    """``(mask (B, keep) or None, keep)`` of the step's column plan; (None, None) if unmasked."""
+    plan = state.plan(schedule, device)
+    return (None, None) if plan is None else (plan.mask, plan.keep)
+
+
+def _training_hook(group: list[TrainableAdapter], state: RankState, schedule: RankSchedule | None):
     def forward_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        mask, rank = masks.get()
+        mask, rank = _plan(state, schedule, x.device)
         # Without begin_step (masks set directly) each layer builds its factors itself.
         deltas = [(a.target.out_rows, a.delta(x, mask, rank, a.step_factors)) for a in group]
         return _add_rows(output, deltas)
