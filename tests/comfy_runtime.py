@@ -3,8 +3,9 @@
 ``bootstrap()`` puts the ComfyUI root first on ``sys.path`` (from ``COMFYUI_ROOT``, else the
 runtime that ``scripts/setup_runtime.sh`` provisions in ``.runtime/0.3.75/ComfyUI``), forces CPU, and
 imports the pack as the package ``comfyui_tlora`` so tests use the same module objects that the
-nodes use. Tiny SDXL / FLUX models are built from ComfyUI's own model classes with seeded weights;
-the real-size ones on torch's meta device give real module names and shapes without memory.
+nodes use. Tiny models of every family (configs in ``family_configs``) are built from ComfyUI's own
+model classes with seeded weights; the real-size ones (each family file's ``real_config``) on
+torch's meta device give real module names and shapes without memory.
 """
 
 from __future__ import annotations
@@ -20,42 +21,33 @@ from typing import Any
 import torch
 
 import comfy_compat
+import family_configs
 
 REPO = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui_tlora"
 
-TINY_SDXL_CONFIG: dict[str, Any] = {
-    "model_channels": 32, "in_channels": 4, "out_channels": 4,
-    "num_res_blocks": [1, 1], "channel_mult": [1, 2],
-    "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
-    "transformer_depth_middle": 1, "context_dim": 32, "adm_in_channels": 32 + 6 * 256,
-    "use_linear_in_transformer": True, "num_classes": "sequential", "legacy": False,
-    "use_spatial_transformer": True, "image_size": 32, "use_checkpoint": False,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-# The SDXL unet config ComfyUI detects from sd_xl_base_1.0 (comfy/model_detection.py).
-REAL_SDXL_CONFIG: dict[str, Any] = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-    "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-TINY_FLUX_CONFIG: dict[str, Any] = {
-    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
-    "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0,
-    "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
-    "qkv_bias": True,
-}
-# FLUX.1-dev as ComfyUI detects it (19 double blocks, 38 single blocks, hidden 3072).
-REAL_FLUX_CONFIG: dict[str, Any] = {
-    "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
-    "patch_size": 2, "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072,
-    "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
-    "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-}
+
+def import_pack():
+    """The repository imported as the package ``comfyui_tlora`` (idempotent)."""
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The pack's family registry (pure torch: importable before ComfyUI is bootstrapped).
+families = importlib.import_module(f"{import_pack().__name__}.tlora_core.families")
+
+TINY_SDXL_CONFIG: dict[str, Any] = family_configs.TINY["sdxl"].config
+TINY_FLUX_CONFIG: dict[str, Any] = family_configs.TINY["flux"].config
+# The real-size configs come from the family files (e.g. SDXL as ComfyUI detects sd_xl_base_1.0,
+# FLUX.1-dev with 19 double and 38 single blocks).
+REAL_SDXL_CONFIG: dict[str, Any] = dict(families.get("sdxl").real_config)
+REAL_FLUX_CONFIG: dict[str, Any] = dict(families.get("flux").real_config)
 
 _BOOTSTRAPPED = False
 
@@ -98,18 +90,6 @@ def bootstrap(cpu: bool = True) -> None:
     _BOOTSTRAPPED = True
 
 
-def import_pack():
-    """The repository imported as the package ``comfyui_tlora`` (idempotent)."""
-    if PACK_NAME in sys.modules:
-        return sys.modules[PACK_NAME]
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def init_nodes() -> None:
     """Load ComfyUI's built-in extra nodes and register the pack's nodes (idempotent)."""
     bootstrap()
@@ -143,16 +123,13 @@ def family_model_config(family: str, config: dict[str, Any] | None = None):
     bootstrap()
     import comfy.supported_models
 
-    if family == "sdxl":
-        config = dict(config or TINY_SDXL_CONFIG)
-        model_config = comfy.supported_models.SDXL(config)
-        if config.get("num_head_channels") is None:
-            # The SDXL class forces 64-channel heads; tiny widths need smaller ones.
-            model_config.unet_config["num_head_channels"] = 16
-        return model_config
-    if family == "flux":
-        return comfy.supported_models.Flux(comfy_compat.flux_config(config or TINY_FLUX_CONFIG))
-    raise ValueError(f"unknown model family {family!r}")
+    if family not in family_configs.TINY:
+        raise ValueError(f"unknown model family {family!r}")
+    tiny = family_configs.TINY[family]
+    model_config = getattr(comfy.supported_models, tiny.supported_model)(
+        tiny.complete(dict(config or tiny.config)))
+    tiny.fix(model_config)
+    return model_config
 
 
 def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0,
@@ -184,18 +161,14 @@ def fake_conditioning(family: str, batch: int = 1, seed: int = 1, tokens: int = 
                       context_dim: int = 32, pooled_dim: int = 32) -> list:
     """Conditioning in ComfyUI's format with random embeddings of the tiny models' widths."""
     gen = torch.Generator().manual_seed(seed)
-    ctx = torch.randn(batch, tokens if family == "flux" else 77, context_dim, generator=gen)
-    pooled = torch.randn(batch, pooled_dim, generator=gen)
-    if family == "sdxl":
-        extra = {"pooled_output": pooled, "width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0,
-                 "target_width": 1024, "target_height": 1024}
-    else:
-        extra = {"pooled_output": pooled, "guidance": 3.5}
+    tiny = family_configs.TINY[family]
+    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, context_dim, generator=gen)
+    extra = {"pooled_output": torch.randn(batch, pooled_dim, generator=gen), **tiny.cond_extra}
     return [[ctx, extra]]
 
 
 def latent_channels(family: str) -> int:
-    return 4 if family == "sdxl" else 16
+    return families.get(family).latent_channels
 
 
 def sample(model, family: str, steps: int = 4, seed: int = 0, size: int = 32, batch: int = 1,

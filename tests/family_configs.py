@@ -1,0 +1,59 @@
+"""The tiny test config of each model family: what the harness needs to build and feed one.
+
+Adding a family to the pack means adding its file under ``tlora_core/families/`` and one
+:class:`TinyFamily` entry here; the harness (``comfy_runtime``) and the family-parametrised tests
+read everything else from the registry (the real-size config included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import comfy_compat
+
+
+def _sdxl_fix(model_config) -> None:
+    # The SDXL class forces 64-channel heads; tiny widths need smaller ones.
+    if model_config.unet_config.get("num_head_channels") in (None, 64) and \
+            model_config.unet_config.get("model_channels", 320) < 64:
+        model_config.unet_config["num_head_channels"] = 16
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """How tests build and condition a tiny model of one family."""
+
+    supported_model: str                       # the comfy.supported_models class
+    config: dict[str, Any]                     # the tiny unet config
+    fixed_tokens: int | None                   # text tokens of fake conditioning (None: any)
+    cond_extra: dict[str, Any]                 # conditioning options besides pooled_output
+    complete: Callable[[dict], dict] = dict    # config -> what this runtime's classes require
+    fix: Callable[[Any], None] = lambda model_config: None   # adjust the built model config
+
+
+TINY: dict[str, TinyFamily] = {
+    "sdxl": TinyFamily(
+        supported_model="SDXL", fixed_tokens=77, fix=_sdxl_fix,
+        config={
+            "model_channels": 32, "in_channels": 4, "out_channels": 4,
+            "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+            "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+            "transformer_depth_middle": 1, "context_dim": 32, "adm_in_channels": 32 + 6 * 256,
+            "use_linear_in_transformer": True, "num_classes": "sequential", "legacy": False,
+            "use_spatial_transformer": True, "image_size": 32, "use_checkpoint": False,
+            "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        cond_extra={"width": 1024, "height": 1024, "crop_w": 0, "crop_h": 0, "target_width": 1024,
+                    "target_height": 1024}),
+    "flux": TinyFamily(
+        supported_model="Flux", fixed_tokens=None, complete=lambda c: comfy_compat.flux_config(c),
+        config={
+            "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+            "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
+            "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+            "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+        },
+        cond_extra={"guidance": 3.5}),
+}

@@ -1,0 +1,158 @@
+"""The family registry: recognition (exact class names, subclasses of known classes refused),
+errors naming what is known, target rules against the real-size models, and the conventions
+every node shares (default_min_rank, the automatic min_rank)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tlora_core import families
+from tlora_core.families import Family, Layers, Recipe, TrainTarget
+from tlora_core.schedule import AUTO_MIN_RANK, default_min_rank, resolve_min_rank
+
+
+class _Named:
+    """An object whose class has a given name (recognition looks at names only)."""
+
+
+def _instance(class_name: str, config_name: str = "Config"):
+    config = type(config_name, (), {})()
+    return type(class_name, (_Named,), {"model_config": config})()
+
+
+def test_every_family_file_is_found_and_listed_in_order():
+    assert families.ids() == ("sdxl", "flux")
+    assert families.known_labels() == "SDXL and FLUX"
+    assert families.known_labels("or") == "SDXL or FLUX"
+    for family in families.all_families():
+        assert families.get(family.id) is family
+        assert family.timestep in families.TIMESTEP_RULES and family.recipe.rank >= 1
+
+
+@pytest.mark.parametrize("class_name, expected", [("SDXL", "sdxl"), ("Flux", "flux")])
+def test_recognition_by_exact_class_name(class_name, expected):
+    assert families.recognise(_instance(class_name)).id == expected
+
+
+def test_unknown_model_names_its_class_and_the_known_families():
+    with pytest.raises(families.UnknownFamily, match="its class is SD3 .*knows SDXL and FLUX"):
+        families.recognise(_instance("SD3"))
+    with pytest.raises(ValueError, match="unknown model family 'sd3': the pack knows SDXL and FLUX"):
+        families.get("sd3")
+
+
+def test_config_classes_tell_families_that_share_a_model_class_apart(monkeypatch):
+    # Z-Image shares Lumina2's model class: a family may name the config classes it accepts.
+    lumina = Family(
+        id="zz", label="ZZ", description="a ZZ model", model_classes=("Lumina2",),
+        recognise_inventory=lambda inv: False, timestep="flow", latent_channels=16,
+        pooled_output=False, layers=(Layers(r"\.qkv$"),), file_labels={},
+        recipe=Recipe(variant="tlora", rank=8, why="test"), foreign_names=lambda inv: {},
+        conditioning_widths=lambda c: (None, None), checkpoint_blocks=(), real_config={},
+        config_classes=("ZImage",))
+    monkeypatch.setitem(families._FAMILIES, "zz", lumina)
+    assert families.recognise(_instance("Lumina2", "ZImage")) is lumina
+    with pytest.raises(families.UnknownFamily, match="its class is Lumina2 \\(config Lumina2\\)"):
+        families.recognise(_instance("Lumina2", "Lumina2"))
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("class_name", ["Flux2", "Chroma", "ChromaRadiance"])
+def test_subclasses_of_flux_in_comfyui_are_not_taken_for_flux(comfy, class_name):
+    import comfy.model_base as model_base
+
+    cls = getattr(model_base, class_name, None)
+    if cls is None:
+        pytest.skip(f"this ComfyUI has no model_base.{class_name}")
+    assert issubclass(cls, model_base.Flux)   # the trap: isinstance(model, Flux) is True
+    model = cls.__new__(cls)                  # the real class, without building weights
+    with pytest.raises(families.UnknownFamily) as err:
+        families.recognise(model)
+    message = str(err.value)
+    assert f"its class is {class_name}" in message and "derived from Flux" in message
+    assert "SDXL and FLUX" in message
+
+
+@pytest.mark.comfy
+def test_the_tiny_models_of_comfyui_are_recognised(comfy, family):
+    model = comfy.build_model(family)
+    assert families.recognise(model.model).id == family
+    assert families.from_inventory(_inventory(model.model.diffusion_model)).id == family
+
+
+def _inventory(dm):
+    from tlora_core.inventory import inventory_from_module
+
+    return inventory_from_module(dm)
+
+
+def test_an_inventory_of_no_known_family_is_refused_with_what_is_known():
+    with pytest.raises(ValueError, match="neither an SDXL UNet nor a FLUX transformer"):
+        families.from_inventory({"joint_blocks.0.x_block.attn.qkv": (3, 1)})
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family_id, scope, count", [
+    ("sdxl", "attention", 560), ("sdxl", "attention+ff", 700),
+    ("flux", "attention", 19 * 7 + 38 * 3), ("flux", "attention+ff", 19 * 11 + 38 * 5)])
+def test_targets_of_the_real_size_models(comfy, family_id, scope, count):
+    family = families.get(family_id)
+    dm = comfy.build_model(family_id, dict(family.real_config), device="meta").diffusion_model
+    targets = family.targets(_inventory(dm), scope)
+    assert len(targets) == count
+    assert all(isinstance(t, TrainTarget) and t.rows >= 1 for t in targets)
+
+
+def test_fused_rows_split_per_projection():
+    flux = families.get("flux")
+    h, mlp = 8, 32
+    inventory = {"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.txt_attn.proj": (h, h),
+                 "single_blocks.0.linear1": (3 * h + mlp, h), "single_blocks.0.linear2": (h, h + mlp)}
+    attention = [(t.module, t.out_rows) for t in flux.targets(inventory)]
+    assert attention == [("double_blocks.0.img_attn.qkv", (0, h)), ("double_blocks.0.img_attn.qkv", (h, 2 * h)),
+                         ("double_blocks.0.img_attn.qkv", (2 * h, 3 * h)),
+                         ("single_blocks.0.linear1", (0, h)), ("single_blocks.0.linear1", (h, 2 * h)),
+                         ("single_blocks.0.linear1", (2 * h, 3 * h))]
+    ff = [(t.module, t.out_rows) for t in flux.targets(inventory, "attention+ff")]
+    assert ff[-2:] == [("single_blocks.0.linear1", (3 * h, 3 * h + mlp)), ("single_blocks.0.linear2", None)]
+    with pytest.raises(ValueError, match="unknown target scope"):
+        flux.targets(inventory, "everything")
+    with pytest.raises(ValueError, match="no attention layers found in this SDXL model"):
+        families.get("sdxl").targets(inventory)
+
+
+@pytest.mark.parametrize("rank, expected", [(64, 32), (32, 16), (7, 4), (3, 2), (1, 1)])
+def test_default_min_rank_is_half_rounded_up_and_agrees_with_the_fraction(rank, expected):
+    assert default_min_rank(rank) == expected == resolve_min_rank(rank, 0.5)
+
+
+def test_the_automatic_min_rank_is_one_value_on_every_node(comfy, pack):
+    from comfyui_tlora.nodes.loader import TLoRALoader
+    from comfyui_tlora.nodes.schedule_preview import TLoRASchedulePreview
+    from comfyui_tlora.nodes.train import TLoRATrain
+
+    for node in (TLoRALoader, TLoRASchedulePreview, TLoRATrain):
+        schema = node.GET_SCHEMA()
+        widget = next(i for i in schema.inputs if i.id == "min_rank")
+        assert (widget.default, widget.min) == (AUTO_MIN_RANK, AUTO_MIN_RANK), node.__name__
+        assert "-1 = automatic" in widget.tooltip and "half the rank" in widget.tooltip, node.__name__
+
+
+def test_file_labels_are_the_ones_stock_tools_read():
+    assert families.get("sdxl").file_labels == {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                                                "ss_base_model_version": "sdxl_base_v1-0"}
+    assert families.get("flux").file_labels == {"modelspec.architecture": "flux-1-dev/lora",
+                                                "ss_base_model_version": "flux1"}
+
+
+def test_the_registry_needs_no_comfyui():
+    code = ("import sys; from tlora_core import families; "
+            "assert not any(m == 'comfy' or m.startswith('comfy.') for m in sys.modules); "
+            "print(families.known_labels())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "SDXL and FLUX"
