@@ -28,6 +28,7 @@ from . import state as state_io
 from .loop import COMPUTE_DTYPES, TrainConfig, train
 from .modules import adapter_key
 from .targets import find_targets
+from .timesteps import family_rule
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
     """Every check that can fail, before any GPU work or file is touched."""
     base = model.model
     family = inputs.family_of(base)
+    family_rule(family, model.get_model_object("model_sampling"))
     inputs.check_numbers(config.steps, config.batch_size, config.learning_rate, config.save_every,
                          config.schedule_power)
     samples = inputs.latent_samples(latents, base, family)
