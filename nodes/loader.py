@@ -123,7 +123,8 @@ class TLoRALoader(io.ComfyNode):
                 "'tlora' files and, optionally, ordinary LoRAs. Chain several to stack T-LoRAs."),
             inputs=[
                 io.Model.Input("model", tooltip=(
-                    f"The diffusion model ({families.known_labels('or')}) to apply the T-LoRA to. It is not changed: "
+                    f"The diffusion model ({families.known_labels('or')}) to apply the T-LoRA to. It is "
+                    "not changed: "
                     "a patched copy is returned.")),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"), tooltip=(
                     "The T-LoRA file, from ComfyUI's loras folders: a file from T-LoRA Train, the "

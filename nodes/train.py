@@ -34,7 +34,8 @@ def _variant_name(variant_id: str) -> str:
 
 def _inputs() -> list:
     return [
-        io.Model.Input("model", tooltip=f"The {families.known_labels('or')} model to personalise, as loaded in the graph "
+        io.Model.Input("model", tooltip=f"The {families.known_labels('or')} model to personalise, as "
+                       "loaded in the graph "
                        "(any dtype; LoRAs applied before this node become part of the base). It is "
                        "not modified: the trained T-LoRA is applied to the output MODEL only."),
         io.Latent.Input("latents", tooltip="The training image(s), VAE-encoded with this model's VAE. "
@@ -93,7 +94,8 @@ def _inputs() -> list:
         io.String.Input("file_name", default="tlora/concept", tooltip=(
             "Name in ComfyUI's loras folder (sub-folders allowed). An existing file is never "
             "overwritten (a counter is added) unless this run resumes from it.")),
-        io.Combo.Input("resume_from", options=[job.NO_RESUME] + files.resumable_files(), default=job.NO_RESUME,
+        io.Combo.Input("resume_from", options=[job.NO_RESUME] + files.resumable_files(),
+                       default=job.NO_RESUME,
                        tooltip=("Continue a run from a saved T-LoRA's training state (adapters, "
                                 "optimizer and step count), up to 'steps' in total. Use the same "
                                 "variant, rank, target layers and model.")),
@@ -126,7 +128,8 @@ class TLoRATrain(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="TLoRATrain", display_name="T-LoRA Train", category="T-LoRA",
-            description=f"Personalise {families.known_labels('or')} from one image with T-LoRA (timestep-dependent "
+            description=f"Personalise {families.known_labels('or')} from one image with T-LoRA "
+                        "(timestep-dependent "
                         "LoRA): trains in-process on the loaded MODEL, saves the file to the loras "
                         "folder and outputs the MODEL with it applied.",
             inputs=_inputs(), outputs=_outputs(), hidden=[io.Hidden.unique_id], is_output_node=True)

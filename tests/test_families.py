@@ -113,8 +113,8 @@ def test_fused_rows_split_per_projection():
     inventory = {"double_blocks.0.img_attn.qkv": (3 * h, h), "double_blocks.0.txt_attn.proj": (h, h),
                  "single_blocks.0.linear1": (3 * h + mlp, h), "single_blocks.0.linear2": (h, h + mlp)}
     attention = [(t.module, t.out_rows) for t in flux.targets(inventory)]
-    assert attention == [("double_blocks.0.img_attn.qkv", (0, h)), ("double_blocks.0.img_attn.qkv", (h, 2 * h)),
-                         ("double_blocks.0.img_attn.qkv", (2 * h, 3 * h)),
+    qkv = "double_blocks.0.img_attn.qkv"
+    assert attention == [(qkv, (0, h)), (qkv, (h, 2 * h)), (qkv, (2 * h, 3 * h)),
                          ("single_blocks.0.linear1", (0, h)), ("single_blocks.0.linear1", (h, 2 * h)),
                          ("single_blocks.0.linear1", (2 * h, 3 * h))]
     ff = [(t.module, t.out_rows) for t in flux.targets(inventory, "attention+ff")]

@@ -136,7 +136,7 @@ def test_one_step_factor_node_matches_the_per_adapter_autograd_graph(tr, rank):
 
     reference = [t for a in adapters for t in a.factors(rank)]
     expected = grads_after(reference)
-    built = tr.modules._OrthoStepFactors.apply(
+    built = tr.modules.OrthoStepFactors.apply(
         rank, [(a.A_init, a.B_init, a.S_init) for a in adapters],
         *[p for a in adapters for p in (a.A, a.B, a.S)])
     for got, want in zip(built, reference):

@@ -21,8 +21,8 @@ init (``U = B S``, ``U0 = B0 S0``)::
 which equals Eq. 8 and is exactly zero at init by construction (``U - U0`` and ``A - A0`` are
 exactly zero there, whatever order a GEMM sums in). These per-step factors depend on the
 parameters only, so :meth:`AdapterSet.begin_step` builds them once per training step, for every
-adapter in one autograd node, outside any checkpointed block; each layer then costs what a plain
-LoRA of rank 2r costs. The price is memory: the factors (twice the size of A and B, fp32) live
+adapter in one autograd node (:mod:`.ortho_factors`), outside any checkpointed block; each layer
+then costs what a plain LoRA of rank 2r costs. The price is memory: the factors (twice the size of A and B, fp32) live
 through the step and their gradients gather in its backward.
 
 ``export`` turns a trained adapter into the :class:`LowRankAdapter` the Loader uses:
@@ -38,6 +38,7 @@ import torch
 from ..tlora_core.adapter import LowRankAdapter, RankSchedule, lowrank_delta
 from ..tlora_core.init import ortho_init, vanilla_init
 from ..tlora_core.masks import RankState
+from .ortho_factors import OrthoStepFactors, ortho_factors
 from .targets import TrainTarget
 
 ORTHO_VARIANTS = ("tlora", "ortho")
@@ -50,66 +51,6 @@ def adapter_key(target: TrainTarget) -> str:
     if target.out_rows is None:
         return target.module
     return f"{target.module}@{target.out_rows[0]}:{target.out_rows[1]}"
-
-
-def _ortho_factors(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, a0: torch.Tensor,
-                   b0: torch.Tensor, s0: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([A; A - A0], [B S - B0 S0 | B0 S0])`` on the first ``rank`` columns (module docstring)."""
-    if rank is not None and rank < a.shape[0]:
-        a, b, s, a0, b0, s0 = a[:rank], b[:, :rank], s[:rank], a0[:rank], b0[:, :rank], s0[:rank]
-    u0 = b0 * s0   # the same product as the trained b * s: U - U0 is exactly zero at init
-    return torch.cat([a, a - a0]), torch.cat([b * s - u0, u0], dim=1)
-
-
-class _OrthoStepFactors(torch.autograd.Function):
-    """Every Ortho adapter's ``_ortho_factors`` of one step as ONE autograd node.
-
-    Same values as the per-adapter autograd graph (the forward runs the same function); the
-    backward is written out: ``down = [A; A - A0]`` gives ``dA = g[:r] + g[r:]``, ``up[:, :r] = B S -
-    U0`` gives ``dB = g_U S`` and ``dS = sum_rows(g_U B)``; columns beyond ``r`` get zeros. This
-    replaces a dozen small autograd ops per adapter and step, the bulk of the Ortho variants' cost
-    over a plain LoRA on small layers.
-
-    ``apply(rank, frozen, *params)``: ``frozen`` = [(A0, B0, S0)] and ``params`` = A, B, S per adapter,
-    in the same order; returns down, up per adapter.
-    """
-
-    @staticmethod
-    def forward(ctx, rank, frozen, *params):
-        ctx.set_materialize_grads(False)
-        ctx.rank = rank
-        ctx.save_for_backward(*params)
-        out = []
-        for i, (a0, b0, s0) in enumerate(frozen):
-            out += _ortho_factors(*params[3 * i:3 * i + 3], a0, b0, s0, rank)
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        params = ctx.saved_tensors
-        out: list[torch.Tensor | None] = [None, None]
-        for i in range(len(params) // 3):
-            a, b, s = params[3 * i:3 * i + 3]
-            g_down, g_up = grads[2 * i], grads[2 * i + 1]
-            r = a.shape[0] if ctx.rank is None else min(ctx.rank, a.shape[0])
-            g_a = g_b = g_s = None
-            if g_down is not None:
-                g_a = _padded(g_down[:r] + g_down[r:], a, 0)
-            if g_up is not None:
-                g_u = g_up[:, :r]
-                g_b = _padded(g_u * s[:r], b, 1)
-                g_s = _padded((g_u * b[:, :r]).sum(0), s, 0)
-            out += [g_a, g_b, g_s]
-        return tuple(out)
-
-
-def _padded(grad: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """``grad`` of the first columns of ``like`` along ``dim``, zero-padded to ``like``'s shape."""
-    if grad.shape == like.shape:
-        return grad
-    full = torch.zeros_like(like)
-    full.narrow(dim, 0, grad.shape[dim]).copy_(grad)
-    return full
 
 
 def adapter_memory(targets: Iterable[TrainTarget], variant: str, rank: int) -> dict[str, int]:
@@ -166,7 +107,7 @@ class TrainableAdapter(torch.nn.Module):
             if rank is None or rank == self.down.shape[0]:
                 return self.down, self.up
             return self.down[:rank], self.up[:, :rank]
-        return _ortho_factors(self.A, self.B, self.S, self.A_init, self.B_init, self.S_init, rank)
+        return ortho_factors(self.A, self.B, self.S, self.A_init, self.B_init, self.S_init, rank)
 
     def delta(self, x: torch.Tensor, mask: torch.Tensor | None = None, rank: int | None = None,
               factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -273,7 +214,7 @@ class AdapterSet(torch.nn.Module):
         rank = _plan(self._state, self._schedule, timesteps.device)[1]
         ortho = [a for a in self.adapters if a.ortho]
         if ortho:
-            built = _OrthoStepFactors.apply(rank, [(a.A_init, a.B_init, a.S_init) for a in ortho],
+            built = OrthoStepFactors.apply(rank, [(a.A_init, a.B_init, a.S_init) for a in ortho],
                                             *[p for a in ortho for p in (a.A, a.B, a.S)])
             for i, adapter in enumerate(ortho):
                 adapter.step_factors = (built[2 * i], built[2 * i + 1])
