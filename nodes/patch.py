@@ -29,9 +29,7 @@ import torch
 from ..tlora_core.apply import attach, detach
 from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
-from ..training.timesteps import model_rule, schedule_timesteps, timestep_rule
-
-__all__ = ["TLoRAPatch", "check_targets", "install", "installed", "schedule_timesteps", "timestep_rule"]
+from ..training.timesteps import model_rule, schedule_timesteps
 
 log = logging.getLogger(__name__)
 

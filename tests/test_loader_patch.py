@@ -23,6 +23,14 @@ REL_TOL = 2e-5
 
 
 @pytest.fixture(scope="module")
+def timesteps(pack):
+    """The one timestep rule the Loader (and the trainer) uses."""
+    import importlib
+
+    return importlib.import_module(f"{pack.__name__}.training.timesteps")
+
+
+@pytest.fixture(scope="module")
 def patch(pack):
     import importlib
 
@@ -97,7 +105,7 @@ def rank_spy(patcher, holder, seen: list) -> None:
     patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "spy", wrapper)
 
 
-def test_flux_rank_follows_1000_sigma(comfy, patch):
+def test_flux_rank_follows_1000_sigma(comfy, patch, timesteps):
     import comfy.model_management as mm
 
     base = comfy.build_model("flux")
@@ -108,7 +116,7 @@ def test_flux_rank_follows_1000_sigma(comfy, patch):
     rank_spy(model, holder, seen)
     sigmas = torch.tensor([1.0, 0.5, 0.25, 0.0])   # exact in float32
     ms = model.model.model_sampling
-    assert patch.schedule_timesteps(ms, sigmas).tolist() == [1000.0, 500.0, 250.0, 0.0]
+    assert timesteps.schedule_timesteps(ms, sigmas).tolist() == [1000.0, 500.0, 250.0, 0.0]
     assert ms.timestep(sigmas).tolist() == sigmas.tolist()   # why FLUX needs the 1000 factor
 
     x, kwargs = lf.direct_inputs("flux", batch=4)
@@ -119,7 +127,7 @@ def test_flux_rank_follows_1000_sigma(comfy, patch):
     assert_per_sample_reference(comfy, base, [(factors, 1.0)], "flux", x, sigmas, kwargs, out)
 
 
-def test_sdxl_rank_follows_the_discrete_timestep(comfy, patch):
+def test_sdxl_rank_follows_the_discrete_timestep(comfy, patch, timesteps):
     import comfy.model_management as mm
 
     base = comfy.build_model("sdxl")
@@ -130,7 +138,7 @@ def test_sdxl_rank_follows_the_discrete_timestep(comfy, patch):
     rank_spy(model, holder, seen)
     ms = model.model.model_sampling
     sigmas = ms.sigmas[[999, 666, 333, 0]].float()
-    assert patch.schedule_timesteps(ms, sigmas).tolist() == [999.0, 666.0, 333.0, 0.0]
+    assert timesteps.schedule_timesteps(ms, sigmas).tolist() == [999.0, 666.0, 333.0, 0.0]
     x, kwargs = lf.direct_inputs("sdxl", batch=4)
     mm.load_models_gpu([model])
     lf.call_model(model, x, sigmas, kwargs)
@@ -375,11 +383,11 @@ def test_install_validates_before_touching_the_model(comfy, patch, pack):
     assert not model.wrappers.get("apply_model")
 
 
-def test_unsupported_model_sampling_is_refused(comfy, patch):
+def test_unsupported_model_sampling_is_refused(comfy, timesteps):
     import comfy.model_sampling as ms
 
     class Continuous(ms.ModelSamplingContinuousEDM, ms.EDM):
         pass
 
     with pytest.raises(ValueError, match="ModelSamplingContinuousEDM"):
-        patch.timestep_rule(Continuous())
+        timesteps.timestep_rule(Continuous())

@@ -238,12 +238,13 @@ def test_step_draws_depend_only_on_seed_and_step(tr):
 
 
 def test_noise_levels_match_the_loaders_timesteps(comfy, pack, tr):
-    from comfyui_tlora.nodes import patch
+    from comfyui_tlora.training.timesteps import schedule_timesteps
+
     for family in ("sdxl", "flux"):
         ms = comfy.build_model(family).model.model_sampling
         sigma, t = tr.objective.draw_noise_levels(ms, 64, torch.Generator().manual_seed(0))
         # The Loader derives the schedule timestep from sigma alone: it must be the trained one.
-        torch.testing.assert_close(patch.schedule_timesteps(ms, sigma), t, rtol=0, atol=1e-4)
+        torch.testing.assert_close(schedule_timesteps(ms, sigma), t, rtol=0, atol=1e-4)
         if family == "sdxl":
             assert torch.equal(t, t.round()) and 0 <= t.min() and t.max() <= 999
             assert torch.equal(sigma, ms.sigmas[t.long()])

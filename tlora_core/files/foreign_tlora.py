@@ -63,7 +63,7 @@ LYCORIS_WARNING = (
     "with another init ('last', 'middle', or a random matrix) gives a wrong result.")
 
 
-def _ortho_factors(params: Mapping[str, torch.Tensor], where: str, source: str
+def _reference_ortho_pair(params: Mapping[str, torch.Tensor], where: str, source: str
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) of the reference Ortho layer ``p(q x * lambda m) - base_p(base_q x * base_lambda m)``."""
     q, p, lam = (as_f32(params[k]) for k in ("q_layer.weight", "p_layer.weight", "lambda_layer"))
@@ -105,7 +105,7 @@ def read_reference_sdxl(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         target = b.resolve(name, where)
         if target is None:
             continue
-        down, up = (_ortho_factors(params, where, source) if kind == "ortho" else
+        down, up = (_reference_ortho_pair(params, where, source) if kind == "ortho" else
                     pair_factors(params["down.weight"], params["up.weight"], where, source))
         parts = 2 if kind == "ortho" else 1
         b.add(target, name, down, up, parts=parts, schedule=b.schedule(down.shape[0] // parts,
