@@ -43,8 +43,15 @@ def comfy_nodes(comfy):
     return nodes
 
 
-@pytest.fixture(params=["sdxl", "flux"])
+def _family_ids() -> list[str]:
+    import comfy_runtime
+
+    return list(comfy_runtime.families.ids())
+
+
+@pytest.fixture(params=_family_ids())
 def family(request) -> str:
+    """Every family the pack's registry knows (each has a tiny config in family_configs)."""
     return request.param
 
 

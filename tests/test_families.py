@@ -24,6 +24,12 @@ def _instance(class_name: str, config_name: str = "Config"):
     return type(class_name, (_Named,), {"model_config": config})()
 
 
+def test_every_family_has_a_tiny_test_config():
+    import family_configs
+
+    assert set(family_configs.TINY) == set(families.ids())
+
+
 def test_every_family_file_is_found_and_listed_in_order():
     assert families.ids() == ("sdxl", "flux")
     assert families.known_labels() == "SDXL and FLUX"
