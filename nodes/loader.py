@@ -33,10 +33,10 @@ CATEGORY = "T-LoRA"
 
 MIN_RANK_TOOLTIP = (
     "Ranks active at the highest noise level. The active rank grows from min_rank (pure noise) to "
-    f"the full rank (clean image) as sampling proceeds (paper Eq. 6). {AUTO_MIN_RANK_TEXT} (files "
-    "without one, such as the T-LoRA reference code's, store none). The paper recommends half the "
-    "rank: lower values (a quarter) lose likeness to the subject, higher ones let the early, "
-    "high-noise steps copy the training image's pose and background.")
+    f"the full rank (clean image) as sampling proceeds (paper Eq. 6). {AUTO_MIN_RANK_TEXT}; files "
+    "such as the T-LoRA reference code's store none. The paper recommends half the rank: lower "
+    "values (a quarter) lose likeness to the subject, higher ones let the early, high-noise steps "
+    "copy the training image's pose and background.")
 POWER_TOOLTIP = (
     "Shape of the rank schedule r(t) = int(((1000 - t)/1000)^power * (rank - min_rank)) + min_rank. "
     "0 = the value stored in the file (1.0, the paper's linear schedule, if it stores none). Above 1 "

@@ -56,7 +56,7 @@ def _inputs() -> list:
         io.Int.Input("min_rank", default=AUTO_MIN_RANK, min=AUTO_MIN_RANK, max=inputs.MAX_RANK, tooltip=(
             "Ranks still active at the noisiest timestep (r_min). "
             f"{AUTO_MIN_RANK_TEXT.split(':')[0]}: half the rank (rounded up), the paper's "
-            "recommendation (a quarter loses fidelity); the reference FLUX script uses 1. "
+            "recommendation (a quarter loses fidelity). "
             f"({job.LEGACY_AUTO_MIN_RANK}, as older workflows saved it, means the same.) Ignored "
             "by Ortho-LoRA and LoRA.")),
         io.Float.Input("schedule_power", default=1.0, min=0.05, max=10.0, step=0.05, tooltip=(
