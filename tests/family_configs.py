@@ -29,13 +29,15 @@ class TinyFamily:
     config: dict[str, Any]                     # the tiny unet config
     fixed_tokens: int | None                   # text tokens of fake conditioning (None: any)
     cond_extra: dict[str, Any]                 # conditioning options besides pooled_output
+    y_width: int | None = None                 # the raw model's ``y`` input (pooled / adm), if any
+    guidance: float | None = None              # the raw model's ``guidance`` input, if any
     complete: Callable[[dict], dict] = dict    # config -> what this runtime's classes require
     fix: Callable[[Any], None] = lambda model_config: None   # adjust the built model config
 
 
 TINY: dict[str, TinyFamily] = {
     "sdxl": TinyFamily(
-        supported_model="SDXL", fixed_tokens=77, fix=_sdxl_fix,
+        supported_model="SDXL", fixed_tokens=77, fix=_sdxl_fix, y_width=32 + 6 * 256,
         config={
             "model_channels": 32, "in_channels": 4, "out_channels": 4,
             "num_res_blocks": [1, 1], "channel_mult": [1, 2],
@@ -49,6 +51,7 @@ TINY: dict[str, TinyFamily] = {
                     "target_height": 1024}),
     "flux": TinyFamily(
         supported_model="Flux", fixed_tokens=None, complete=lambda c: comfy_compat.flux_config(c),
+        y_width=32, guidance=3.5,
         config={
             "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
             "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
@@ -56,4 +59,30 @@ TINY: dict[str, TinyFamily] = {
             "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
         },
         cond_extra={"guidance": 3.5}),
+    "sd15": TinyFamily(
+        supported_model="SD15", fixed_tokens=77,
+        config={
+            "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+            "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+            "num_res_blocks": [1, 1], "transformer_depth": [1, 0], "channel_mult": [1, 2],
+            "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 32,
+            "num_heads": 2, "transformer_depth_output": [0, 0, 1, 1],
+            "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        cond_extra={}),
 }
+
+
+def raw_inputs(family: str, batch: int, gen, tokens: int = 8):
+    """``(context, extra kwargs)`` of a tiny model's raw forward: ``y`` and ``guidance`` where the
+    family has them (drawn from ``gen`` after the context)."""
+    import torch
+
+    tiny = TINY[family]
+    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, 32, generator=gen)
+    extra = {}
+    if tiny.y_width is not None:
+        extra["y"] = torch.randn(batch, tiny.y_width, generator=gen)
+    if tiny.guidance is not None:
+        extra["guidance"] = torch.full((batch,), tiny.guidance)
+    return ctx, extra

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import comfy_runtime
+import family_configs
 
 T = 1000
 
@@ -57,14 +58,16 @@ def reference_rank(t: float, rank: int, min_rank: int, power: float = 1.0) -> in
 def target_layout(patcher, family: str) -> dict[str, list[tuple[int, int] | None]]:
     """Adapted modules of a tiny model and the output rows of each adapter on them.
 
-    SDXL: every attention Linear (to_q/k/v/out.0 of attn1 and attn2), as the reference code.
-    FLUX: fused qkv with three separate q/k/v adapters (img), one adapter over all rows (txt), the
+    Every family but FLUX: its attention targets (SDXL: to_q/k/v/out.0 of attn1 and attn2, as the
+    reference code). FLUX: fused qkv with three separate q/k/v adapters (img), one adapter over all rows (txt), the
     output projection, and q/k/v inside single_blocks' linear1 (which also holds the MLP rows).
     """
     dm = patcher.model.diffusion_model
-    if family == "sdxl":
-        return {name: [None] for name, m in dm.named_modules()
-                if isinstance(m, torch.nn.Linear) and ".attn" in name}
+    if family != "flux":   # every other family: its own attention targets
+        layout: dict[str, list] = {}
+        for t in comfy_runtime.families.get(family).targets(inventory(patcher)):
+            layout.setdefault(t.module, []).append(t.out_rows)
+        return layout
     hidden = dm.hidden_size
     qkv = [(i * hidden, (i + 1) * hidden) for i in range(3)]
     layout: dict[str, list] = {}
@@ -126,8 +129,9 @@ def make_tlora(patcher, family: str, variant: str = "tlora", rank: int = 8, min_
 
 
 def timestep_of(model_sampling, sigma: float, family: str) -> float:
-    """The reference timestep: 1000*sigma on FLUX, the nearest training timestep on SDXL."""
-    if family == "flux":
+    """The reference timestep: 1000*sigma on flow families (FLUX), the nearest training timestep on
+    discrete ones (SDXL)."""
+    if comfy_runtime.families.get(family).timestep == "flow":
         return 1000.0 * sigma
     log_sigmas = model_sampling.sigmas.double().log()
     return float((log_sigmas - math.log(sigma)).abs().argmin())
@@ -195,13 +199,8 @@ def direct_inputs(family: str, batch: int, seed: int = 3) -> tuple[torch.Tensor,
     gen = torch.Generator().manual_seed(seed)
     channels = comfy_runtime.latent_channels(family)
     x = torch.randn(batch, channels, 16, 16, generator=gen)
-    ctx = torch.randn(batch, 77 if family == "sdxl" else 8, 32, generator=gen)
-    if family == "sdxl":
-        kwargs = {"c_crossattn": ctx, "y": torch.randn(batch, 32 + 6 * 256, generator=gen)}
-    else:
-        kwargs = {"c_crossattn": ctx, "y": torch.randn(batch, 32, generator=gen),
-                  "guidance": torch.full((batch,), 3.5)}
-    return x, kwargs
+    ctx, extra = family_configs.raw_inputs(family, batch, gen)
+    return x, {"c_crossattn": ctx, **extra}
 
 
 def call_model(patcher, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -246,6 +245,6 @@ def build_stored_as(family: str, weight_dtype: torch.dtype, compute_dtype: torch
 
 def sigmas_for(patcher, family: str, points: list[float]) -> torch.Tensor:
     """Per-sample sigmas at the given noise fractions (timestep / 1000) of the model's schedule."""
-    if family == "flux":
+    if comfy_runtime.families.get(family).timestep == "flow":
         return torch.tensor(points, dtype=torch.float32)
     return patcher.model.model_sampling.sigmas[[int(p * 999) for p in points]].float()

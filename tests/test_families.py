@@ -31,23 +31,30 @@ def test_every_family_has_a_tiny_test_config():
 
 
 def test_every_family_file_is_found_and_listed_in_order():
-    assert families.ids() == ("sdxl", "flux")
-    assert families.known_labels() == "SDXL and FLUX"
-    assert families.known_labels("or") == "SDXL or FLUX"
+    assert families.ids() == ("sdxl", "flux", "sd15")
+    assert families.known_labels() == "SDXL, FLUX and SD 1.5"
+    assert families.known_labels("or") == "SDXL, FLUX or SD 1.5"
     for family in families.all_families():
         assert families.get(family.id) is family
         assert family.timestep in families.TIMESTEP_RULES and family.recipe.rank >= 1
 
 
-@pytest.mark.parametrize("class_name, expected", [("SDXL", "sdxl"), ("Flux", "flux")])
-def test_recognition_by_exact_class_name(class_name, expected):
-    assert families.recognise(_instance(class_name)).id == expected
+@pytest.mark.parametrize("class_name, config, expected", [
+    ("SDXL", "SDXL", "sdxl"), ("Flux", "Flux", "flux"), ("BaseModel", "SD15", "sd15")])
+def test_recognition_by_exact_class_name(class_name, config, expected):
+    assert families.recognise(_instance(class_name, config)).id == expected
+
+
+def test_a_shared_base_class_needs_the_config_class():
+    # SD 2.x is a plain BaseModel too: without SD 1.5's config class it is not SD 1.5.
+    with pytest.raises(families.UnknownFamily, match="its class is BaseModel \\(config SD20\\)"):
+        families.recognise(_instance("BaseModel", "SD20"))
 
 
 def test_unknown_model_names_its_class_and_the_known_families():
-    with pytest.raises(families.UnknownFamily, match="its class is SD3 .*knows SDXL and FLUX"):
+    with pytest.raises(families.UnknownFamily, match="its class is SD3 .*knows SDXL, FLUX and SD 1.5"):
         families.recognise(_instance("SD3"))
-    with pytest.raises(ValueError, match="unknown model family 'sd3': the pack knows SDXL and FLUX"):
+    with pytest.raises(ValueError, match="unknown model family 'sd3': the pack knows SDXL, FLUX and SD 1.5"):
         families.get("sd3")
 
 
@@ -80,7 +87,7 @@ def test_subclasses_of_flux_in_comfyui_are_not_taken_for_flux(comfy, class_name)
         families.recognise(model)
     message = str(err.value)
     assert f"its class is {class_name}" in message and "derived from Flux" in message
-    assert "SDXL and FLUX" in message
+    assert families.known_labels() in message
 
 
 @pytest.mark.comfy
@@ -97,14 +104,15 @@ def _inventory(dm):
 
 
 def test_an_inventory_of_no_known_family_is_refused_with_what_is_known():
-    with pytest.raises(ValueError, match="neither an SDXL UNet nor a FLUX transformer"):
+    with pytest.raises(ValueError, match="neither an SDXL UNet nor a FLUX transformer nor an SD 1.5 UNet"):
         families.from_inventory({"joint_blocks.0.x_block.attn.qkv": (3, 1)})
 
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("family_id, scope, count", [
     ("sdxl", "attention", 560), ("sdxl", "attention+ff", 700),
-    ("flux", "attention", 19 * 7 + 38 * 3), ("flux", "attention+ff", 19 * 11 + 38 * 5)])
+    ("flux", "attention", 19 * 7 + 38 * 3), ("flux", "attention+ff", 19 * 11 + 38 * 5),
+    ("sd15", "attention", 128), ("sd15", "attention+ff", 160)])
 def test_targets_of_the_real_size_models(comfy, family_id, scope, count):
     family = families.get(family_id)
     dm = comfy.build_model(family_id, dict(family.real_config), device="meta").diffusion_model
@@ -153,6 +161,8 @@ def test_file_labels_are_the_ones_stock_tools_read():
                                                 "ss_base_model_version": "sdxl_base_v1-0"}
     assert families.get("flux").file_labels == {"modelspec.architecture": "flux-1-dev/lora",
                                                 "ss_base_model_version": "flux1"}
+    assert families.get("sd15").file_labels == {"modelspec.architecture": "stable-diffusion-v1/lora",
+                                                "ss_base_model_version": "sd_v1"}
 
 
 def test_the_registry_needs_no_comfyui():
@@ -161,4 +171,4 @@ def test_the_registry_needs_no_comfyui():
             "print(families.known_labels())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))
-    assert out.stdout.strip() == "SDXL and FLUX"
+    assert out.stdout.strip() == "SDXL, FLUX and SD 1.5"

@@ -148,7 +148,7 @@ def test_nan_or_inf_tensor_names_the_key(sdxl_file, bad):
     ({"tlora.rank": "four"}, ["'tlora.rank' = 'four' is not a int"]),
     ({"tlora.power": "-1"}, ["schedule power"]),
     ({"tlora.min_rank": None}, ["variant 'tlora' needs a schedule"]),
-    ({"tlora.architecture": "sd15"}, ["unknown architecture 'sd15'"]),
+    ({"tlora.architecture": "no-such-family"}, ["unknown architecture 'no-such-family'"]),
     ({"tlora.layout": "{oops"}, ["tlora.layout is not valid JSON"]),
     ({"tlora.layout": json.dumps({"label_emb.0.0": [{"rows": None, "columns": 6, "parts": 2}]})},
      ["the layout has 6 columns, the tensors 8"]),

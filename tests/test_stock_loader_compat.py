@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import importlib
 import logging
-import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from file_format_helpers import make_adapter
+
+import comfy_runtime
+import family_configs
 
 pytestmark = pytest.mark.comfy
 
@@ -33,9 +35,13 @@ def core(pack):
 
 
 def adapted_layers(family: str, inventory: dict) -> dict[str, list]:
-    """module -> output rows per adapter: attention Linears; FLUX fused layers one per projection."""
-    if family == "sdxl":
-        return {p: [None] for p in inventory if re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", p)}
+    """module -> output rows per adapter: attention Linears; FLUX fused layers one per projection
+    (written out here for FLUX; other families: their own attention targets)."""
+    if family != "flux":
+        layers: dict[str, list] = {}
+        for t in comfy_runtime.families.get(family).targets(inventory):
+            layers.setdefault(t.module, []).append(t.out_rows)
+        return layers
     layers = {}
     for path, (out, inp) in inventory.items():
         if path.endswith("_attn.qkv"):
@@ -65,12 +71,11 @@ def trained_tlora(core, family: str, inventory: dict):
 
 def model_inputs(family: str) -> tuple:
     gen = torch.Generator().manual_seed(3)
-    if family == "sdxl":
-        return (torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([999.0, 10.0]),
-                torch.randn(2, 77, 32, generator=gen), torch.randn(2, 32 + 6 * 256, generator=gen))
-    return (torch.randn(2, 16, 8, 8, generator=gen), torch.tensor([0.9, 0.05]),
-            torch.randn(2, 8, 32, generator=gen), torch.randn(2, 32, generator=gen),
-            torch.tensor([3.5, 3.5]))
+    x = torch.randn(2, comfy_runtime.latent_channels(family), 8, 8, generator=gen)
+    flow = comfy_runtime.families.get(family).timestep == "flow"
+    t = torch.tensor([0.9, 0.05]) if flow else torch.tensor([999.0, 10.0])
+    ctx, extra = family_configs.raw_inputs(family, 2, gen)
+    return (x, t, ctx, *extra.values())
 
 
 def stock_warnings(caplog) -> list[str]:

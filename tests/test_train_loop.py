@@ -10,6 +10,8 @@ import pytest
 import torch
 import train_helpers as th
 
+import comfy_runtime
+
 pytestmark = pytest.mark.comfy
 
 # SDXL trains the paper's T-LoRA; FLUX the reference code's Vanilla T-LoRA (and T-LoRA where noted).
@@ -122,7 +124,7 @@ def test_training_lowers_the_loss_and_restores_the_model(family, tl):
     model, latents, positive = th.node_inputs(family)
     before = th.snapshot(model)
     base_loss = th.fixed_pair_loss(model, latents, positive)
-    result = th.train(model, latents, positive, variant=VARIANT[family], rank=4, min_rank=2, steps=30,
+    result = th.train(model, latents, positive, variant=VARIANT.get(family, comfy_runtime.families.get(family).recipe.variant), rank=4, min_rank=2, steps=30,
                       learning_rate=3e-2, seed=0, gradient_checkpointing=False)
     th.assert_restored(before, model)
     assert len(result.losses) == 30 and all(torch.isfinite(torch.tensor(result.losses)))

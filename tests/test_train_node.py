@@ -12,6 +12,8 @@ import torch
 import train_helpers as th
 from safetensors import safe_open
 
+import comfy_runtime
+
 pytestmark = pytest.mark.comfy
 
 VARIANT = {"sdxl": "tlora", "flux": "vanilla"}   # what variant "auto" picks per family
@@ -40,7 +42,7 @@ def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras_dir,
     assert files_in(loras_dir) == ["tlora/t.safetensors", "tlora/t.tlora-state"]   # no temp files
     with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = f.metadata()
-    assert meta["tlora.variant"] == VARIANT[family] and meta["tlora.rank"] == "4"
+    assert meta["tlora.variant"] == VARIANT.get(family, comfy_runtime.families.get(family).recipe.variant) and meta["tlora.rank"] == "4"
     assert meta["tlora.min_rank"] == "2"   # min_rank 0 = half the rank
     settings = json.loads(meta["tlora.training"])
     assert settings["steps"] == 3 and settings["learning_rate"] == 1e-2 and settings["seed"] == 0
@@ -161,7 +163,8 @@ def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir):
 
 
 def _graph(family: str, steps: int) -> dict:
-    empty_latent = "EmptyLatentImage" if family == "sdxl" else "EmptySD3LatentImage"
+    channels = comfy_runtime.families.get(family).latent_channels
+    empty_latent = "EmptyLatentImage" if channels == 4 else "EmptySD3LatentImage"
     return {
         "1": {"class_type": "TLoRATestTinyCheckpointLoader", "inputs": {"family": family}},
         "2": {"class_type": "TLoRATestTinyTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks dog"}},

@@ -24,7 +24,7 @@ from comfy_api.latest import ComfyExtension, io
 
 import comfy_runtime
 
-FAMILIES = ["sdxl", "flux"]
+FAMILIES = list(comfy_runtime.families.ids())
 CATEGORY = "T-LoRA tests"
 # Smallest AutoencoderKL that keeps the real 8x scale factor: GroupNorm needs 32 channels.
 _VAE_CHANNELS = 32

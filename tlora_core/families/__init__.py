@@ -91,6 +91,5 @@ def from_inventory(inventory: Inventory) -> Family:
         if family.recognise_inventory(inventory):
             return family
     described = [f.description for f in _FAMILIES.values()]
-    what = f"neither {' nor '.join(described)}" if len(described) == 2 else \
-        f"none of: {', '.join(described)}"
+    what = f"neither {' nor '.join(described)}" if len(described) > 1 else f"not {described[0]}"
     raise UnknownFamily(f"the model is {what} (modules such as {sorted(inventory)[:3]})")
