@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..tlora_core import families
 from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT
-from ..training import files, inputs, job, report
+from ..training import inputs, job, lora_folder, report
 from ..training.loop import COMPUTE_DTYPES
 from ..training.targets import SCOPES
 from .loader import load_for_model
@@ -94,7 +94,7 @@ def _inputs() -> list:
         io.String.Input("file_name", default="tlora/concept", tooltip=(
             "Name in ComfyUI's loras folder (sub-folders allowed). An existing file is never "
             "overwritten (a counter is added) unless this run resumes from it.")),
-        io.Combo.Input("resume_from", options=[job.NO_RESUME] + files.resumable_files(),
+        io.Combo.Input("resume_from", options=[job.NO_RESUME] + lora_folder.resumable_files(),
                        default=job.NO_RESUME,
                        tooltip=("Continue a run from a saved T-LoRA's training state (adapters, "
                                 "optimizer and step count), up to 'steps' in total. Use the same "
@@ -157,7 +157,7 @@ class TLoRATrain(io.ComfyNode):
         finally:
             comfy.model_management.soft_empty_cache()
         title = f"T-LoRA {config.variant} r{config.rank} - {path.stem}"
-        return io.NodeOutput(out_model, files.display_name(path),
+        return io.NodeOutput(out_model, lora_folder.display_name(path),
                              report.image_tensor(report.loss_curve(losses, title)))
 
 

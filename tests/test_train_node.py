@@ -68,14 +68,14 @@ def test_an_existing_file_is_never_overwritten(loras_dir):
 
 
 def test_save_every_checkpoints_resume_exactly_like_an_uninterrupted_run(loras_dir):
-    from comfyui_tlora.training import files
+    from comfyui_tlora.training import lora_folder
     from comfyui_tlora.training.state import load_state
 
     model, latents, positive = th.node_inputs("flux")
     run_node(model, latents, positive, steps=4, save_every=2, file_name="a")
     assert files_in(loras_dir) == ["a.safetensors", "a.tlora-state", "a_step00002.safetensors",
                                "a_step00002.tlora-state"]
-    assert "a_step00002.safetensors" in files.resumable_files()
+    assert "a_step00002.safetensors" in lora_folder.resumable_files()
     assert load_state(loras_dir / "a_step00002.tlora-state").step == 2
     run_node(model, latents, positive, steps=4, file_name="b", resume_from="a_step00002.safetensors")
     with safe_open(str(loras_dir / "a.safetensors"), framework="pt") as fa, \

@@ -23,7 +23,7 @@ from ..tlora_core.families import Family
 from ..tlora_core.files.write import save_tlora
 from ..tlora_core.inventory import inventory_from_module
 from ..tlora_core.schedule import AUTO_MIN_RANK, default_min_rank
-from . import files, inputs, report
+from . import inputs, lora_folder, report
 from . import state as state_io
 from .loop import COMPUTE_DTYPES, TrainConfig, train
 from .modules import adapter_key
@@ -89,12 +89,12 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
     weights = inputs.loss_weights(mask, samples)
     resume = resume_path = None
     if resume_from and resume_from != NO_RESUME:
-        resume_path = files.resolve_resume(resume_from)
+        resume_path = lora_folder.resolve_resume(resume_from)
         resume = state_io.load_state(state_io.state_path(resume_path))
         state_io.check_compatible(resume, {"architecture": family.id, "variant": config.variant,
                                            "rank": config.rank, "scope": config.scope},
                                   [adapter_key(t) for t in targets], config.steps)
-    path = files.output_path(file_name, resume_path)
+    path = lora_folder.output_path(file_name, resume_path)
     return TrainJob(samples, weights, positive, family, path, resume,
                     inventory_from_module(base.diffusion_model))
 
@@ -135,12 +135,12 @@ def run_job(model, job: TrainJob, config: TrainConfig, reload: Callable[[object,
                                    model.load_device)
 
     def on_save(step, weights, state):
-        _save(files.intermediate_path(job.path, step), weights, state, config, job, step)
+        _save(lora_folder.intermediate_path(job.path, step), weights, state, config, job, step)
 
     result = train(model, data, config, resume=job.resume, on_step=_progress(config, job, node_id, send_text),
                    on_save=on_save)
     _save(job.path, result.weights, result.state, config, job, result.step)
-    out = reload(model, files.display_name(job.path))
+    out = reload(model, lora_folder.display_name(job.path))
     log.info("T-LoRA Train: saved %s after %d steps (final loss %.4f)", job.path, result.step,
              result.losses[-1] if result.losses else float("nan"))
     return out, job.path, result.losses
