@@ -11,7 +11,7 @@ from typing import Any
 
 from ..inventory import Inventory
 from . import unet_names
-from ._spec import Family, Layers, Recipe
+from ._spec import Family, Recipe
 
 
 def _is_sd15_unet(inventory: Inventory) -> bool:
@@ -34,11 +34,7 @@ FAMILY = Family(
     timestep="discrete",
     latent_channels=4,
     pooled_output=False,
-    # The same attention Linears as SDXL (proj_in / proj_out are 1x1 convolutions here).
-    layers=(
-        Layers(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
-        Layers(r"\.ff\.net\.(0\.proj|2)$", scope="ff"),
-    ),
+    layers=unet_names.ATTENTION_AND_FF,   # proj_in / proj_out are 1x1 convolutions here
     recipe=Recipe(
         variant="tlora", rank=32,
         why="SD 1.5: T-LoRA at rank 32, the paper's SDXL recipe scaled to a UNet with a quarter "
@@ -46,7 +42,7 @@ FAMILY = Family(
     file_labels={"modelspec.architecture": "stable-diffusion-v1/lora", "ss_base_model_version": "sd_v1"},
     foreign_names=unet_names.diffusers_names,
     conditioning_widths=_conditioning_widths,
-    checkpoint_blocks=("ResBlock", "BasicTransformerBlock"),
+    checkpoint_blocks=unet_names.CHECKPOINT_BLOCKS,
     # The unet config ComfyUI detects from an SD 1.5 checkpoint (comfy/model_detection.py).
     real_config={
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..inventory import Inventory
 from . import unet_names
-from ._spec import Family, Layers, Recipe
+from ._spec import Family, Recipe
 
 
 def _is_sdxl_unet(inventory: Inventory) -> bool:
@@ -30,12 +30,7 @@ FAMILY = Family(
     timestep="discrete",
     latent_channels=4,
     pooled_output=True,
-    # The reference code's layers: to_q/k/v/out of every attn1 and attn2 (560 Linears at full
-    # size); attention+ff adds the feed-forwards, as LyCORIS / SimpleTuner do.
-    layers=(
-        Layers(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
-        Layers(r"\.ff\.net\.(0\.proj|2)$", scope="ff"),
-    ),
+    layers=unet_names.ATTENTION_AND_FF,   # 560 attention Linears at full size
     recipe=Recipe(
         variant="tlora", rank=64,
         why="SDXL: T-LoRA (Ortho init + mask) at rank 64, min_rank 32, the paper's recipe."),
@@ -43,7 +38,7 @@ FAMILY = Family(
                  "ss_base_model_version": "sdxl_base_v1-0"},
     foreign_names=unet_names.diffusers_names,
     conditioning_widths=_conditioning_widths,
-    checkpoint_blocks=("ResBlock", "BasicTransformerBlock"),
+    checkpoint_blocks=unet_names.CHECKPOINT_BLOCKS,
     # The unet config ComfyUI detects from sd_xl_base_1.0 (comfy/model_detection.py).
     real_config={
         "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,

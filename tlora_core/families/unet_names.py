@@ -1,4 +1,4 @@
-"""Module names of ComfyUI's LDM UNet (SDXL) and their diffusers spellings, both ways.
+"""Module names of ComfyUI's LDM UNet (SDXL, SD 1.5): target rules, and diffusers spellings both ways.
 
 Any UNet whose layout (residual blocks per level, which blocks carry a transformer) is read off
 the inventory is mapped, so the real SDXL and the tests' tiny one alike. Inside a transformer the
@@ -13,6 +13,16 @@ import re
 from dataclasses import dataclass
 
 from ..inventory import Inventory, Target
+from ._spec import Layers
+
+ATTENTION_AND_FF = (
+    Layers(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
+    Layers(r"\.ff\.net\.(0\.proj|2)$", scope="ff"),
+)
+"""The UNet families' target layers: to_q/k/v/out of every attn1 (self) and attn2 (cross)
+attention, as the reference code; the feed-forwards in scope attention+ff (LyCORIS, SimpleTuner)."""
+CHECKPOINT_BLOCKS = ("ResBlock", "BasicTransformerBlock")
+"""The UNet blocks gradient checkpointing wraps."""
 
 _RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                   "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
