@@ -91,6 +91,15 @@ def test_subclasses_of_flux_in_comfyui_are_not_taken_for_flux(comfy, class_name)
 
 
 @pytest.mark.comfy
+def test_a_model_on_the_shared_base_class_is_not_called_derived(comfy):
+    import comfy.model_base as model_base
+
+    with pytest.raises(families.UnknownFamily) as err:
+        families.recognise(model_base.SD3.__new__(model_base.SD3))
+    assert "its class is SD3 (config none)" in str(err.value) and "derived" not in str(err.value)
+
+
+@pytest.mark.comfy
 def test_the_tiny_models_of_comfyui_are_recognised(comfy, family):
     model = comfy.build_model(family)
     assert families.recognise(model.model).id == family

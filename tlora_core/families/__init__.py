@@ -73,12 +73,15 @@ def recognise(model) -> Family:
     recognised as its parent. Raises UnknownFamily naming the model's class and the known families.
     """
     name = type(model).__name__
-    config = type(getattr(model, "model_config", None)).__name__
+    model_config = getattr(model, "model_config", None)
+    config = "none" if model_config is None else type(model_config).__name__
     for family in _FAMILIES.values():
         if name in family.model_classes and (not family.config_classes or config in family.config_classes):
             return family
+    # A known class the model derives from (Flux for Flux2), not a base shared by many families
+    # (BaseModel, which SD 1.5 names together with its config class).
     parents = [c.__name__ for c in type(model).__mro__[1:]
-               if any(c.__name__ in f.model_classes for f in _FAMILIES.values())]
+               if any(c.__name__ in f.model_classes and not f.config_classes for f in _FAMILIES.values())]
     related = f" It is derived from {parents[0]}, but is a model family of its own." if parents else ""
     raise UnknownFamily(
         f"T-LoRA does not know this model: its class is {name} (config {config}). The pack knows "

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..adapter import VARIANTS
 from ..inventory import Inventory, Target
 
 SCOPES = ("attention", "attention+ff")
@@ -113,6 +114,8 @@ class Family:
         for rule in self.layers:
             if rule.scope not in ("attention", "ff"):
                 raise ValueError(f"family {self.id}: layer scope {rule.scope!r} is not attention/ff")
+        if self.recipe.variant not in VARIANTS:
+            raise ValueError(f"family {self.id}: recipe variant {self.recipe.variant!r} not in {VARIANTS}")
 
     def targets(self, inventory: Inventory, scope: str = "attention") -> list[TrainTarget]:
         """The adapters to train, in module order (per module in rule order).
