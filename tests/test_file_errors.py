@@ -201,6 +201,9 @@ def test_detect_format_tells_every_supported_kind_apart(sdxl_file):
     (["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"], {}, "text-encoder"),
     (["x.alpha"], {"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
     (["x.alpha"], {"ss_base_model_version": "sdxl_base_v1-0"}, "sdxl"),
+    (["x.alpha"], {"ss_base_model_version": "sd_v1"}, "sd15"),          # a family's own label
+    (["x.alpha"], {"tlora.architecture": "sd15"}, "sd15"),
+    (["x.alpha"], {"ss_base_model_version": "sd_v2"}, "sd1"),           # other tools' words
 ])
 def test_guess_file_architecture(keys, meta, expected):
     assert guess_file_architecture(keys, meta) == expected

@@ -52,6 +52,13 @@ _TE_KEY = re.compile(r"^(lora_te\d?_|text_encoder|te\d?[._]|clip_|t5)")
 
 
 def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
+    # A known family's own id or file labels first (what this pack and the stock tools write),
+    # then words that other tools' labels contain.
+    if metadata.get("tlora.architecture") in families.ids():
+        return metadata["tlora.architecture"]
+    for family in families.all_families():
+        if any(metadata.get(k) == v for k, v in family.file_labels.items()):
+            return family.id
     text = " ".join(metadata.get(k, "") for k in (
         "tlora.architecture", "modelspec.architecture", "ss_base_model_version")).lower()
     for needle, arch in (("flux", "flux"), ("xl", "sdxl"), ("sd3", "sd3"),
