@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tlora_core.adapter import LowRankAdapter, RankSchedule, add_delta, lowrank_delta
-from tlora_core.apply import RankState, attach, detach
+from tlora_core.apply import attach, detach
+from tlora_core.masks import RankState
 from tlora_core.schedule import active_rank
 
 

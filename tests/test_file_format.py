@@ -211,7 +211,7 @@ def test_caller_min_rank_and_power_override_the_files(tmp_path):
 def test_loaded_adapters_share_one_rank_index_per_layout(tmp_path):
     path = save_tlora(tmp_path / "a.safetensors", make_weights(core, "tlora", "sdxl"), inventory=SDXL_INV)
     loaded = load_tlora_file(path, SDXL_INV)
-    # One tensor object -> one mask per model call for all layers (apply.RankState caches by it).
+    # One tensor object -> one mask per model call for all layers (masks.RankState caches by it).
     assert len({a.layout_key() for g in loaded.adapters.values() for a in g}) == 1
 
 

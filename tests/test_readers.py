@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from comfy_runtime import REAL_FLUX_CONFIG, REAL_SDXL_CONFIG, TINY_FLUX_CONFIG, TINY_SDXL_CONFIG
-from tlora_core.apply import RankState, attach, detach
+from tlora_core.apply import attach, detach
 from tlora_core.families.unet_names import SdxlLayout, sdxl_ldm_to_diffusers
 from tlora_core.files import foreign, foreign_tlora
 from tlora_core.files.check import TLoRAFileError
 from tlora_core.files.names import ModuleIndex
+from tlora_core.masks import RankState
 
 TINY_SDXL = rf.sdxl_inventory(TINY_SDXL_CONFIG)
 TINY_FLUX = rf.flux_inventory(TINY_FLUX_CONFIG)

@@ -28,8 +28,8 @@ STOCK_WARNINGS = ("lora key not loaded", "NOT LOADED")
 
 @pytest.fixture(scope="module")
 def core(pack):
-    names = ("adapter", "apply", "files.check", "files.read", "files.write", "inventory", "schedule",
-             "weights")
+    names = ("adapter", "apply", "files.check", "files.read", "files.write", "inventory", "masks",
+             "schedule", "weights")
     return SimpleNamespace(**{n.split(".")[-1]: importlib.import_module(f"{pack.__name__}.tlora_core.{n}")
                               for n in names})
 
@@ -109,7 +109,7 @@ def test_stock_loader_merges_our_file_as_the_full_rank_tlora(comfy, core, family
 
     x = model_inputs(family)
     base = dm(*x)
-    state = core.apply.RankState()                      # no timesteps set: every rank active
+    state = core.masks.RankState()                      # no timesteps set: every rank active
     handles = core.apply.attach(dict(dm.named_modules()), weights.adapters, state, 1.0)
     try:
         ours = dm(*x)
@@ -144,7 +144,7 @@ def test_our_loader_reads_the_same_file_back_on_the_real_model(comfy, core, fami
     x = model_inputs(family)
     outputs = []
     for w in (weights, loaded):
-        state = core.apply.RankState()
+        state = core.masks.RankState()
         handles = core.apply.attach(dict(dm.named_modules()), w.adapters, state, 1.0)
         try:
             with state.at(torch.tensor([999.0, 10.0])):     # masked: per-sample ranks 2 and 3..4
