@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -79,18 +79,28 @@ def _reference_ortho_pair(params: Mapping[str, torch.Tensor], where: str, source
     return torch.cat([q, q0]), torch.cat([p * lam.reshape(1, r), -(p0 * lam0.reshape(1, r))], dim=1)
 
 
+def _reference_groups(b: AdapterCollector, sd: Mapping[str, torch.Tensor], pattern: re.Pattern,
+                      what: str, by: tuple[str, str], skip: Callable[[re.Match], str | None] | None = None
+                      ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """The file's tensors grouped by layer (the ``by`` groups of ``pattern``) and parameter;
+    keys that do not match, or that ``skip`` names a reason for, are recorded as skipped."""
+    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in sd.items():
+        m = pattern.match(key)
+        reason = f"not a T-LoRA reference-code {what} key" if m is None else skip(m) if skip else None
+        if reason:
+            b.skip(reason, key)
+        else:
+            groups[(m[by[0]], m[by[1]])][m["param"]] = tensor
+    return groups
+
+
 def read_reference_sdxl(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
                         min_rank: float | None = None, power: float | None = None,
                         source: str = "file", family: Family | None = None) -> TLoRAWeights:
     """Read the T-LoRA reference code's SDXL file (Ortho or vanilla; see the module docstring)."""
     b = AdapterCollector(inventory, source, REFERENCE_HINT, family)
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in sd.items():
-        m = REF_SDXL_KEY.match(key)
-        if m is None:
-            b.skip("not a T-LoRA reference-code SDXL key", key)
-        else:
-            groups[(m["proc"], m["proj"])][m["param"]] = tensor
+    groups = _reference_groups(b, sd, REF_SDXL_KEY, "SDXL", ("proc", "proj"))
     kinds = set()
     for (proc, proj), params in groups.items():
         where = f"{proc}.processor.{proj}_lora"
@@ -126,16 +136,14 @@ def read_reference_flux(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
                         source: str = "file", family: Family | None = None) -> TLoRAWeights:
     """Read the T-LoRA reference code's FLUX ``lora.pt`` keys (vanilla T-LoRA on fused rows)."""
     b = AdapterCollector(inventory, source, REFERENCE_HINT, family)
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, tensor in sd.items():
-        m = REF_FLUX_KEY.match(key)
-        if m is None:
-            b.skip("not a T-LoRA reference-code FLUX key", key)
-        elif m["block"].startswith("single_") and m["proj"] not in ("to_q", "to_k", "to_v"):
-            b.skip("single-block adapters the reference code creates but never applies "
-                   "(its single blocks have no output or context projection)", key)
-        else:
-            groups[(m["block"], m["proj"])][m["param"]] = tensor
+
+    def never_applied(m: re.Match) -> str | None:
+        if m["block"].startswith("single_") and m["proj"] not in ("to_q", "to_k", "to_v"):
+            return ("single-block adapters the reference code creates but never applies "
+                    "(its single blocks have no output or context projection)")
+        return None
+
+    groups = _reference_groups(b, sd, REF_FLUX_KEY, "FLUX", ("block", "proj"), never_applied)
     for (block, proj), params in groups.items():
         where = f"{block}.attn.processor.{proj}_lora"
         if set(params) != {"down", "up"}:
