@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Set up the runtime if needed, then run the no-GPU demo (results in demo_output/ unless --output).
+# Set up the runtime if needed, then run the demo: the toy-world experiment (LoRA vs T-LoRA on one
+# image, real ComfyUI on the CPU; results in demo_output/toyworld/). `--plumbing` runs the older
+# quick demo on random tiny SDXL/FLUX models instead (results in demo_output/). Other arguments go
+# to the demo (see `python -m examples.toyworld.run --help`).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -8,4 +11,8 @@ export COMFYUI_ROOT
 # The tiny models run faster on one thread: torch's thread pool costs more than it saves on
 # tensors this small (and thrashes when the cores are shared).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$PYTHON" scripts/demo.py "$@"
+if [[ "${1:-}" == "--plumbing" ]]; then
+  shift
+  exec "$PYTHON" scripts/demo.py "$@"
+fi
+exec "$PYTHON" -m examples.toyworld.run "$@"
