@@ -134,3 +134,35 @@ def test_short_end_to_end_run_writes_result_files_that_parse(comfy, tmp_path, mo
         with Image.open(tmp_path / entry["path"]) as image:
             assert image.size == (world.SIZE, world.SIZE)
     assert len(list((tmp_path / "loras" / "toyworld").glob("*.safetensors"))) == 4 * 2
+
+
+def test_pretraining_is_reproducible_from_its_seed(comfy, tmp_path):
+    import safetensors.torch
+
+    from examples.toyworld import pretrain
+
+    runs = []
+    other = tmp_path / "c.safetensors"
+    with torch.random.fork_rng():  # pretrain seeds torch's global generator too
+        for name in ("a", "b"):
+            out = tmp_path / f"{name}.safetensors"
+            pretrain.pretrain(steps=3, batch=4, seed=5, lr=1e-3, out=out, log_every=1, save_every=10)
+            runs.append(safetensors.torch.load_file(str(out)))
+        pretrain.pretrain(steps=3, batch=4, seed=6, lr=1e-3, out=other, log_every=1, save_every=10)
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    changed = safetensors.torch.load_file(str(other))
+    assert any(not torch.equal(runs[0][k], changed[k]) for k in runs[0])
+
+
+def test_copy_rates_count_images_that_repeat_the_training_layout():
+    from examples.toyworld import experiment
+
+    train = experiment.TRAIN_SCENE
+    asked = [world.concept_scene("left", "blue"), world.concept_scene("top", train.background),
+             world.concept_scene(train.position, "black")]
+    copied = [evaluate.score(world.render(train), a) for a in asked]
+    obeyed = [evaluate.score(world.render(a), a) for a in asked]
+    assert experiment.copies_position(copied, asked) == 1.0  # the third asks for the training position
+    assert experiment.copies_layout(copied) == 1.0
+    assert experiment.copies_position(obeyed, asked) == 0.0 and experiment.copies_layout(obeyed) == 0.0

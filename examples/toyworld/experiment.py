@@ -74,6 +74,13 @@ def copies_layout(scores: list[evaluate.Score]) -> float:
                for s in scores) / max(1, len(scores))
 
 
+def copies_position(scores: list[evaluate.Score], prompted: list[world.Scene]) -> float:
+    """Among images whose prompt asks for another position than the training image's, the
+    fraction that show the object at the training image's position."""
+    asked = [s for s, p in zip(scores, prompted) if p.position != TRAIN_SCENE.position]
+    return sum(s.position == TRAIN_SCENE.position for s in asked) / max(1, len(asked))
+
+
 def train_variant(base, variant: str, seed: int, settings: Settings) -> dict[int, str]:
     """Train one variant with T-LoRA Train; ``{step: lora name}`` of its checkpoints."""
     from comfyui_tlora.nodes.train import TLoRATrain
@@ -125,7 +132,9 @@ def run(base, settings: Settings, log=print) -> dict:
                     scores = [evaluate.score(p, r.scene) for p, r in zip(pictures, reqs)]
                     runs.append({"variant": variant, "inference": inference, "seed": seed, "step": step,
                                  "file": lora_name, **evaluate.summarise(scores),
-                                 "copies_training_layout": copies_layout(scores)})
+                                 "copies_training_layout": copies_layout(scores),
+                                 "copies_training_position": copies_position(
+                                     scores, [r.scene for r in reqs])})
                     images[(variant, inference, seed, step)] = pictures
                     samples += [{"variant": variant, "inference": inference, "seed": seed, "step": step,
                                  "request": r, "score": s} for r, s in zip(reqs, scores)]
@@ -145,7 +154,7 @@ def table(runs: list[dict], step: int) -> list[dict]:
                 continue
             row = {"variant": variant, "inference": inference, "step": step, "seeds": len(chosen)}
             for metric in ("alignment", "background", "position", "fidelity", "concept_distance",
-                           "copies_training_layout"):
+                           "copies_training_layout", "copies_training_position"):
                 mean, half = interval([r[metric] for r in chosen])
                 row[metric], row[f"{metric}_ci95"] = round(mean, 4), round(half, 4)
             rows.append(row)

@@ -86,7 +86,8 @@ def write_outputs(out: Path, settings: experiment.Settings, result: dict, base_i
     rows = experiment.table(result["runs"], final)
     base_scores = [evaluate.score(i, r.scene) for i, r in zip(base_images, reqs)]
     base_summary = {**evaluate.summarise(base_scores),
-                    "copies_training_layout": experiment.copies_layout(base_scores)}
+                    "copies_training_layout": experiment.copies_layout(base_scores),
+                    "copies_training_position": experiment.copies_position(base_scores, [r.scene for r in reqs])}
     numbers = {"settings": experiment.settings_dict(settings), "seconds": round(seconds, 1),
                "base_model_quality": base_quality, "base_on_concept_prompts": base_summary,
                "table_final_step": rows,
@@ -125,13 +126,13 @@ def write_outputs(out: Path, settings: experiment.Settings, result: dict, base_i
 
 def markdown_table(rows: list[dict], base: dict, settings: experiment.Settings) -> str:
     lines = ["| variant | inference | text alignment | fidelity | background right | position right "
-             "| copies the training layout |", "|---|---|---|---|---|---|---|"]
+             "| copies the training position |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['inference']} | {r['alignment']:.2f} ± {r['alignment_ci95']:.2f} "
                      f"| {r['fidelity']:.2f} ± {r['fidelity_ci95']:.2f} | {r['background']:.2f} "
-                     f"| {r['position']:.2f} | {r['copies_training_layout']:.2f} |")
+                     f"| {r['position']:.2f} | {r['copies_training_position']:.2f} |")
     lines.append(f"| base model (no concept) | - | {base['alignment']:.2f} | {base['fidelity']:.2f} "
-                 f"| {base['background']:.2f} | {base['position']:.2f} | {base['copies_training_layout']:.2f} |")
+                 f"| {base['background']:.2f} | {base['position']:.2f} | {base['copies_training_position']:.2f} |")
     lines.append("")
     lines.append(f"Step {settings.steps}, {len(settings.seeds)} training seeds, "
                  f"{len(experiment.EVAL_SCENES)} prompts x {settings.images_per_prompt} images each; "
