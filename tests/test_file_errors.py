@@ -236,3 +236,18 @@ def test_rank_index_beyond_the_schedule_is_refused(sdxl_file):
     expect_error(sdxl_file, SDXL_INV, "rank indices 0..7 do not fit rank 4")
     assert collections.Counter(json.loads(read_raw(sdxl_file)[1]["tlora.layout"])) == \
         collections.Counter(layout)
+
+
+def test_a_file_labelled_for_another_family_than_its_layers_fit_is_warned_about(sdxl_file, caplog):
+    from tlora_core import families
+
+    sdxl = families.get("sdxl")
+    assert load_tlora_file(sdxl_file, SDXL_INV, family=sdxl).warnings == []
+    rewrite(sdxl_file, metadata={"tlora.architecture": "sd15"})
+    with caplog.at_level(logging.WARNING):
+        loaded = load_tlora_file(sdxl_file, SDXL_INV, family=sdxl)
+    assert len(loaded.adapters) == len(SDXL_INV)          # the layers fit: still applied
+    (warning,) = loaded.warnings
+    for needle in ("dog.safetensors", "'tlora.architecture'", "'sd15'", "SDXL"):
+        assert needle in warning, needle
+    assert any("'tlora.architecture'" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,7 @@ own format's reader (:mod:`.own`) or a foreign one (:mod:`.foreign`), applies th
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -25,6 +26,8 @@ from .foreign import detect_format, read_foreign
 from .own import read_own_format
 from .peft import find_lora_config
 from .raw import read_state_dict
+
+log = logging.getLogger(__name__)
 
 
 def _check_overrides(min_rank: float | None, power: float | None) -> None:
@@ -106,4 +109,18 @@ def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: 
                                rank_refactor=rank_refactor, base_weights=base_weights,
                                source=source, lora_config=lora_config, family=family)
         weights = replace(weights, metadata=weights.metadata or dict(metadata))
-    return validate_weights(weights, inventory, source, file_keys=list(sd), unmatched_keys=unmatched)
+    weights = validate_weights(weights, inventory, source, file_keys=list(sd), unmatched_keys=unmatched)
+    return _warn_on_family_label(weights, family, source)
+
+
+def _warn_on_family_label(weights: TLoRAWeights, family: Family | None, source: str) -> TLoRAWeights:
+    """A file of ours labelled for another family than the model its layers fit: said, not hidden
+    (the layers are applied, since they fit; the label is what is wrong, e.g. an edited file)."""
+    label = weights.architecture if weights.source_format == "tlora" else None
+    if family is None or not label or label == family.id:
+        return weights
+    message = (f"{source}: the metadata key 'tlora.architecture' says '{label}', but the file's layers "
+               f"fit this {family.label} model and are applied to it. If the file was made for "
+               f"another model, use that model; otherwise re-save it with this pack.")
+    log.warning(message)
+    return replace(weights, warnings=[*weights.warnings, message])
