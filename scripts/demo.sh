@@ -11,8 +11,9 @@ export COMFYUI_ROOT
 # The tiny models run faster on one thread: torch's thread pool costs more than it saves on
 # tensors this small (and thrashes when the cores are shared).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-if [[ "${1:-}" == "--plumbing" ]]; then
-  shift
-  exec "$PYTHON" scripts/demo.py "$@"
-fi
+case "${1:-}" in
+  --plumbing) shift; exec "$PYTHON" scripts/demo.py "$@" ;;
+  # scripts/toyworld_pretrain.sh: regenerate the toy base model.
+  --pretrain-base) shift; exec "$PYTHON" -m examples.toyworld.pretrain "$@" ;;
+esac
 exec "$PYTHON" -m examples.toyworld.run "$@"

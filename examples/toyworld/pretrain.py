@@ -103,11 +103,12 @@ def pretrain(steps: int, batch: int, seed: int, lr: float, out: Path, log_every:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--out", type=Path, default=toy_model.WEIGHTS)
+    parser.add_argument("--steps", type=int, default=10000, help="optimizer steps (shipped: 10000)")
+    parser.add_argument("--batch", type=int, default=32, help="images per step (shipped: 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds init, data order and noise")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--out", type=Path, default=toy_model.WEIGHTS, help="where the EMA weights go "
+                        "(and <name>_stepN every 2000 steps, <name>.train.json the log)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from .runtime import bootstrap
