@@ -15,7 +15,7 @@ from comfy_runtime import REPO
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # after ComfyUI's root: the pack's nodes/ must not shadow nodes.py
 
-from examples.toyworld import evaluate, pixels, text, world  # noqa: E402
+from bench.toyworld import evaluate, pixels, text, world  # noqa: E402
 
 
 def test_world_has_every_combination_and_held_out_scenes_are_part_of_it():
@@ -107,7 +107,7 @@ def test_toy_vae_uses_comfyuis_sdxl_latent_scale(comfy):
 def test_short_end_to_end_run_writes_result_files_that_parse(comfy, tmp_path, monkeypatch):
     import folder_paths
 
-    from examples.toyworld import experiment, run
+    from bench.toyworld import experiment, run
 
     # run.main points the loras folder at its output; restored after the test.
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
@@ -139,7 +139,7 @@ def test_short_end_to_end_run_writes_result_files_that_parse(comfy, tmp_path, mo
 def test_pretraining_is_reproducible_from_its_seed(comfy, tmp_path):
     import safetensors.torch
 
-    from examples.toyworld import pretrain
+    from bench.toyworld import pretrain
 
     runs = []
     other = tmp_path / "c.safetensors"
@@ -156,7 +156,7 @@ def test_pretraining_is_reproducible_from_its_seed(comfy, tmp_path):
 
 
 def test_copy_rates_count_images_that_repeat_the_training_layout():
-    from examples.toyworld import experiment
+    from bench.toyworld import experiment
 
     train = experiment.TRAIN_SCENE
     asked = [world.concept_scene("left", "blue"), world.concept_scene("top", train.background),

@@ -6,7 +6,7 @@ works, AdamW with warm-up and cosine decay, and an exponential moving average of
 which is what is saved (in fp16: 3.8 MB). The held-out scenes (``world.held_out_scenes``) are
 never shown, so the evaluation can tell compositional caption-following from memorisation.
 
-    python -m examples.toyworld.pretrain --steps 10000 --out examples/toyworld/base_sdxl_toy.safetensors
+    python -m bench.toyworld.pretrain --steps 10000 --out bench/toyworld/base_sdxl_toy.safetensors
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run the toy experiment and write what a person looks at and a program checks.
 
-    python -m examples.toyworld.run [--output demo_output/toyworld] [--full]
+    python -m bench.toyworld.run [--output demo_output/toyworld] [--full]
 
 Writes into the output folder:
 
