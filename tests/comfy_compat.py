@@ -46,6 +46,27 @@ def flux_config(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def params_config(params_class, config: dict[str, Any], detected: dict[str, Any]) -> dict[str, Any]:
+    """``config`` fitted to this runtime's parameter dataclass ``params_class``: keys the class does
+    not have are dropped (``image_model`` is kept: model classes consume it), required fields that
+    ``config`` lacks come from ``detected`` (what ComfyUI's model detection gives them)."""
+    names = {f.name for f in dataclasses.fields(params_class)}
+    out = {k: v for k, v in config.items() if k in names or k == "image_model"}
+    for f in dataclasses.fields(params_class):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in out and f.name in detected:
+            out[f.name] = detected[f.name]
+    return out
+
+
+def chroma_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` fitted to this runtime's ChromaParams (0.33 added ``txt_ids_dims`` and
+    ``vec_in_dim``, which 0.3.75 does not accept)."""
+    from comfy.ldm.chroma.model import ChromaParams
+
+    return params_config(ChromaParams, config, {"txt_ids_dims": [], "vec_in_dim": None})
+
+
 def cached_output(executor, node_id: str):
     """The executor's cache entry for ``node_id`` (``.outputs`` per slot, ``.ui``), or None."""
     cache = executor.caches.outputs

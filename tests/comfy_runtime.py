@@ -163,7 +163,9 @@ def fake_conditioning(family: str, batch: int = 1, seed: int = 1, tokens: int = 
     gen = torch.Generator().manual_seed(seed)
     tiny = family_configs.TINY[family]
     ctx = torch.randn(batch, tiny.fixed_tokens or tokens, context_dim, generator=gen)
-    extra = {"pooled_output": torch.randn(batch, pooled_dim, generator=gen), **tiny.cond_extra}
+    # A text encoder without a pooled vector gives None (0.3.75's Flux classes read the key).
+    pooled = torch.randn(batch, pooled_dim, generator=gen) if families.get(family).pooled_output else None
+    extra = {"pooled_output": pooled, **tiny.cond_extra}
     return [[ctx, extra]]
 
 

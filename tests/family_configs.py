@@ -8,7 +8,7 @@ read everything else from the registry (the real-size config included).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import comfy_compat
@@ -33,11 +33,17 @@ class TinyFamily:
     guidance: float | None = None              # the raw model's ``guidance`` input, if any
     complete: Callable[[dict], dict] = dict    # config -> what this runtime's classes require
     fix: Callable[[Any], None] = lambda model_config: None   # adjust the built model config
+    # Adapters of the family file's real config per target scope, counted from the model code.
+    real_targets: dict[str, int] = field(default_factory=dict)
+    # The ComfyUI versions its tests run on (the README's family table says so).
+    runtimes: tuple[str, ...] = ("0.3.75", "0.33.0")
 
 
 TINY: dict[str, TinyFamily] = {
     "sdxl": TinyFamily(
         supported_model="SDXL", fixed_tokens=77, fix=_sdxl_fix, y_width=32 + 6 * 256,
+        # 70 transformer blocks: q/k/v/out of attn1 and attn2 (the reference code's 560), + 2 ff
+        real_targets={"attention": 560, "attention+ff": 700},
         config={
             "model_channels": 32, "in_channels": 4, "out_channels": 4,
             "num_res_blocks": [1, 1], "channel_mult": [1, 2],
@@ -52,6 +58,9 @@ TINY: dict[str, TinyFamily] = {
     "flux": TinyFamily(
         supported_model="Flux", fixed_tokens=None, complete=lambda c: comfy_compat.flux_config(c),
         y_width=32, guidance=3.5,
+        # 19 double blocks x (img q, k, v, proj + txt q, k, v), 38 single blocks x linear1's q, k, v;
+        # ff adds img / txt MLPs (4) per double block, linear1's MLP rows and linear2 per single block
+        real_targets={"attention": 19 * 7 + 38 * 3, "attention+ff": 19 * 11 + 38 * 5},
         config={
             "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
             "patch_size": 2, "vec_in_dim": 32, "context_in_dim": 32, "hidden_size": 64,
@@ -61,6 +70,8 @@ TINY: dict[str, TinyFamily] = {
         cond_extra={"guidance": 3.5}),
     "sd15": TinyFamily(
         supported_model="SD15", fixed_tokens=77,
+        # 16 transformer blocks x q/k/v/out of attn1 and attn2, + 2 ff each
+        real_targets={"attention": 128, "attention+ff": 160},
         config={
             "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
@@ -68,6 +79,17 @@ TINY: dict[str, TinyFamily] = {
             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 32,
             "num_heads": 2, "transformer_depth_output": [0, 0, 1, 1],
             "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        cond_extra={}),
+    "chroma": TinyFamily(
+        supported_model="Chroma", fixed_tokens=None, complete=lambda c: comfy_compat.chroma_config(c),
+        guidance=0.0,   # the raw model's distilled guidance input; ComfyUI's default for Chroma
+        real_targets={"attention": 19 * 7 + 38 * 3, "attention+ff": 19 * 11 + 38 * 5},   # FLUX.1's
+        config={
+            "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,
+            "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1,
+            "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
+            "in_dim": 64, "out_dim": 64, "hidden_dim": 32, "n_layers": 1,
         },
         cond_extra={}),
 }

@@ -105,13 +105,13 @@ def test_fp8_stored_base_keeps_the_ortho_difference_exact(comfy, patch, family):
     exact = loaded_call(upcast_model, family)
     assert torch.equal(got, exact)
 
-    # Merging the same T-LoRA into the fp8 weights (a weight-space loader) loses most of it
-    # (measured: 75-80% of the effect on the tiny models).
+    # Merging the same T-LoRA into the fp8 weights (a weight-space loader) loses much of it
+    # (measured: 75-80% of the effect on the tiny SDXL / FLUX, ~48% on the tiny Chroma).
     merged = fp8.clone()
     lf.install_merged_reference(merged, [(factors, 1.0)], family)
     in_weights = per_sample(merged, family)
     effect = (exact - loaded_call(fp8, family)).abs().max()
-    assert effect > 0 and (in_weights - exact).abs().max() > 0.5 * effect
+    assert effect > 0 and (in_weights - exact).abs().max() > 0.3 * effect
 
 
 def test_low_vram_cast_path_gives_the_same_outputs(comfy, patch, family):

@@ -188,6 +188,21 @@ def test_schedule_preview_node_draws_the_loader_ranks(comfy, core, loras_dir, pa
     assert a.tobytes() != b.tobytes() and a.tobytes() == preview.draw_schedule(ranks, schedule, "t").tobytes()
 
 
+def test_schedule_preview_draws_the_family_schedule_from_its_own_sampling(comfy, pack, family, monkeypatch):
+    samplers = importlib.import_module("comfy.samplers")   # not `import comfy...`: the fixture is `comfy`
+    preview = importlib.import_module(f"{pack.__name__}.nodes.schedule_preview")
+    drawn = []
+    draw = preview.draw_schedule
+    monkeypatch.setattr(preview, "draw_schedule", lambda ranks, *a: drawn.append(ranks) or draw(ranks, *a))
+    base = comfy.build_model(family, seed=0)
+    out = preview.TLoRASchedulePreview.execute(base, 8, "simple", 1.0, preview.NO_FILE, 16, -1, 0.0)
+    assert out.result[0].shape == (1, preview.HEIGHT, preview.WIDTH, 3)
+    ms = base.model.model_sampling   # the family's own sampling (its shift, its table)
+    sigmas = samplers.calculate_sigmas(ms, "simple", 8)[:-1]
+    assert drawn == [[lf.reference_rank(lf.timestep_of(ms, float(s), family), 16, 8) for s in sigmas]]
+    assert drawn[0][0] < drawn[0][-1]
+
+
 def test_schedule_preview_without_a_file_and_with_denoise(comfy, pack):
     preview = importlib.import_module(f"{pack.__name__}.nodes.schedule_preview")
     base = comfy.build_model("sdxl", seed=0)

@@ -105,6 +105,29 @@ def rank_spy(patcher, holder, seen: list) -> None:
     patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "spy", wrapper)
 
 
+def test_active_rank_follows_the_family_timestep_rule(comfy, patch, timesteps, family):
+    """Per sample, the rank the Loader activates is r(t) at the family's timestep of its sigma:
+    the discrete table's index (SD), 1000 * sigma (flow); the output is the merged reference."""
+    import comfy.model_management as mm
+
+    base = comfy.build_model(family)
+    weights, factors = lf.make_tlora(base, family, "tlora", rank=8, min_rank=2)
+    model = base.clone()
+    holder = patch.install(model, weights)
+    seen: list = []
+    rank_spy(model, holder, seen)
+    ms = model.model.model_sampling
+    sigmas = lf.sigmas_for(base, family, [1.0, 0.5, 0.25, 0.0])
+    steps = [lf.timestep_of(ms, float(s), family) for s in sigmas]
+    assert timesteps.schedule_timesteps(ms, sigmas).tolist() == steps
+    x, kwargs = lf.direct_inputs(family, batch=4)
+    mm.load_models_gpu([model])
+    out = lf.call_model(model, x, sigmas, kwargs)
+    want = [lf.reference_rank(t, 8, 2) for t in steps]
+    assert seen == [want] and want[0] < want[-1] == 8
+    assert_per_sample_reference(comfy, base, [(factors, 1.0)], family, x, sigmas, kwargs, out)
+
+
 def test_flux_rank_follows_1000_sigma(comfy, patch, timesteps):
     import comfy.model_management as mm
 
@@ -172,8 +195,7 @@ def test_batch_samples_at_different_sigmas(comfy, patch, family, variant):
     weights, factors = lf.make_tlora(base, family, variant, rank=8, min_rank=2, power=0.5)
     model = base.clone()
     patch.install(model, weights, strength=0.8)
-    ms = model.model.model_sampling
-    sigmas = (ms.sigmas[[990, 500, 120]] if family == "sdxl" else torch.tensor([0.95, 0.5, 0.12])).float()
+    sigmas = lf.sigmas_for(base, family, [0.95, 0.5, 0.12])
     x, kwargs = lf.direct_inputs(family, batch=3)
     mm.load_models_gpu([model])
     out = lf.call_model(model, x, sigmas, kwargs)
@@ -187,7 +209,7 @@ def test_negative_strength(comfy, patch, family):
     weights, factors = lf.make_tlora(base, family, "tlora", rank=4, min_rank=2)
     model = base.clone()
     patch.install(model, weights, strength=-0.7)
-    sigmas = torch.tensor([0.7, 0.3]) if family == "flux" else base.model.model_sampling.sigmas[[700, 300]]
+    sigmas = lf.sigmas_for(base, family, [0.7, 0.3])
     x, kwargs = lf.direct_inputs(family, batch=2)
     mm.load_models_gpu([model])
     out = lf.call_model(model, x, sigmas.float(), kwargs)
@@ -302,7 +324,7 @@ def test_base_model_is_bit_identical_after_sampling(comfy, patch, family):
 
     base = comfy.build_model(family)
     x, kwargs = lf.direct_inputs(family, batch=2)
-    sigmas = torch.tensor([0.9, 0.2]) if family == "flux" else base.model.model_sampling.sigmas[[900, 200]]
+    sigmas = lf.sigmas_for(base, family, [0.9, 0.2])
     mm.load_models_gpu([base])
     before = lf.call_model(base, x, sigmas.float(), kwargs)
     state_before = {k: v.clone() for k, v in base.model.state_dict().items()}

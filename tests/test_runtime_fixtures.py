@@ -37,7 +37,6 @@ def test_real_size_flux_has_fused_qkv(comfy):
     assert "double_blocks.19.img_attn.qkv" not in shapes and "single_blocks.38.linear1" not in shapes
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
 def test_real_size_configs_are_what_comfyui_detects(comfy, family):
     """The real-size configs, written out here, against this runtime's own checkpoint detection
     (comfy.model_detection) of the state dict they make: same model class, and the detected config
@@ -45,7 +44,7 @@ def test_real_size_configs_are_what_comfyui_detects(comfy, family):
     from comfy.model_detection import model_config_from_unet
 
     runtime = comfy   # the harness module (the fixture), not ComfyUI's package
-    config = {"sdxl": runtime.REAL_SDXL_CONFIG, "flux": runtime.REAL_FLUX_CONFIG}[family]
+    config = runtime.families.get(family).real_config
     state_dict = runtime.build_model(family, config, device="meta").diffusion_model.state_dict()
     detected = model_config_from_unet(state_dict, "")
     ours = runtime.family_model_config(family, config)
@@ -53,8 +52,8 @@ def test_real_size_configs_are_what_comfyui_detects(comfy, family):
     with torch.device("meta"):
         rebuilt = detected.get_model({}).diffusion_model
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in state_dict.items()}
-    if family == "flux":
-        built = runtime.build_model(family, config, device="meta").diffusion_model
+    built = runtime.build_model(family, config, device="meta").diffusion_model
+    if hasattr(built, "params"):   # BFL transformers keep their parameter dataclass
         assert rebuilt.params == built.params
     else:
         assert {k: v for k, v in detected.unet_config.items() if k != "num_head_channels"} == \

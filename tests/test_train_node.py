@@ -43,6 +43,8 @@ def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras_dir,
     with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = f.metadata()
     assert meta["tlora.variant"] == VARIANT.get(family, comfy_runtime.families.get(family).recipe.variant) and meta["tlora.rank"] == "4"
+    labels = comfy_runtime.families.get(family).file_labels   # labelled as its own family
+    assert meta["tlora.architecture"] == family and {k: meta[k] for k in labels} == dict(labels)
     assert meta["tlora.min_rank"] == "2"   # min_rank 0 = half the rank
     settings = json.loads(meta["tlora.training"])
     assert settings["steps"] == 3 and settings["learning_rate"] == 1e-2 and settings["seed"] == 0

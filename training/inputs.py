@@ -185,6 +185,9 @@ def prepare_data(model, family: Family, samples: torch.Tensor, positive: list,
     for i in range(latents.shape[0]):
         ctx, extra = positive[i if len(positive) > 1 else 0][:2]
         extra = dict(extra)
+        if not family.pooled_output:
+            # Some runtimes' model classes read the key even where the family has no pooled vector.
+            extra.setdefault("pooled_output", None)
         if family.recipe.training_guidance is not None:
             extra["guidance"] = family.recipe.training_guidance
         entry = comfy.sampler_helpers.convert_cond([[ctx.detach().clone(), _clone_tensors(extra)]])

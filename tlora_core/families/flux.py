@@ -14,8 +14,11 @@ from . import bfl_names
 from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
 
 
-def _is_bfl_transformer(inventory: Inventory) -> bool:
-    return any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory)
+def _is_flux1(inventory: Inventory) -> bool:
+    # The BFL transformer's block names; Chroma's has the same ones and its own guidance
+    # approximator (distilled_guidance_layer), which FLUX.1 lacks.
+    return any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory) and \
+        not any(p.startswith("distilled_guidance_layer.") for p in inventory)
 
 
 def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -27,7 +30,7 @@ FAMILY = Family(
     label="FLUX",
     description="a FLUX transformer",
     model_classes=("Flux",),
-    recognise_inventory=_is_bfl_transformer,
+    recognise_inventory=_is_flux1,
     timestep="flow",
     latent_channels=16,
     pooled_output=True,
