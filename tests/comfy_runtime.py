@@ -151,6 +151,7 @@ def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0
         return model
     model = model_config.get_model({})
     _fill_seeded(model.diffusion_model, seed)
+    family_configs.TINY[family].after_build(model, seed)
     model.diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),

@@ -35,6 +35,8 @@ class TinyFamily:
     fix: Callable[[Any], None] = lambda model_config: None   # adjust the built model config
     # Adapters of the family file's real config per target scope, counted from the model code.
     real_targets: dict[str, int] = field(default_factory=dict)
+    # Fill what seeded parameters leave out (buffers a checkpoint would load): (model, seed).
+    after_build: Callable[[Any, int], None] = lambda model, seed: None
     # The ComfyUI versions its tests run on (the README's family table says so).
     runtimes: tuple[str, ...] = ("0.3.75", "0.33.0")
 
@@ -93,6 +95,33 @@ TINY: dict[str, TinyFamily] = {
         },
         cond_extra={}),
 }
+
+
+def _seed_pos_embed(model, seed: int) -> None:
+    # SD3's pos_embed is a buffer made with torch.empty (checkpoints fill it).
+    import torch
+
+    with torch.no_grad():
+        buffer = model.diffusion_model.pos_embed
+        buffer.copy_(0.05 * torch.randn(buffer.shape, generator=torch.Generator().manual_seed(seed + 7)))
+
+
+TINY["sd3"] = TinyFamily(
+    # Depth 2 (hidden 128, 2 heads), block 0 with SD3.5-medium's second image attention, RMS qk-norm.
+    supported_model="SD3", fixed_tokens=None, y_width=32, after_build=_seed_pos_embed,
+    # SD3.5-large: 38 blocks x (x qkv 3 + x proj + context qkv 3 + context proj), the last block's
+    # context (pre_only) has no proj and only k / v adapters; ff adds x and context fc1 / fc2,
+    # none on the last context.
+    real_targets={"attention": 38 * 8 - 2, "attention+ff": 38 * 12 - 4},
+    config={
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+        "adm_in_channels": 32,
+        "context_embedder_config": {"target": "torch.nn.Linear",
+                                    "params": {"in_features": 32, "out_features": 128}},
+        "num_patches": 256, "pos_embed_max_size": 16, "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": [0], "qk_norm": "rms",
+    },
+    cond_extra={})
 
 
 def raw_inputs(family: str, batch: int, gen, tokens: int = 8):

@@ -15,6 +15,7 @@ restores them afterwards: a sampler-side weight merge per step.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from dataclasses import dataclass
@@ -185,13 +186,25 @@ def install_recorder(patcher, record: list) -> None:
     prediction is what the adapters change (the denoised latent is dominated by the input)."""
     import comfy.patcher_extension
 
-    def wrapper(executor, *args, **kwargs):
-        out = executor(*args, **kwargs)
-        options = args[-1] if isinstance(args[-1], dict) else kwargs["transformer_options"]
-        record.append((options["sigmas"].detach().clone(), out.detach().clone()))
+    def wrapper(executor, x, t, *args, **kwargs):
+        with raw_output(executor.class_obj) as captured:
+            out = executor(x, t, *args, **kwargs)
+        record.append((t.detach().clone(), captured[0].detach().clone()))
         return out
 
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_recorder", wrapper)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_recorder", wrapper)
+
+
+@contextlib.contextmanager
+def raw_output(model):
+    """Collects what ``model.diffusion_model`` returns while the block runs: a forward hook, as
+    some model classes (SD3's MMDiT) run no DIFFUSION_MODEL wrappers."""
+    captured: list = []
+    hook = model.diffusion_model.register_forward_hook(lambda m, a, out: captured.append(out))
+    try:
+        yield captured
+    finally:
+        hook.remove()
 
 
 def direct_inputs(family: str, batch: int, seed: int = 3) -> tuple[torch.Tensor, dict]:
@@ -209,15 +222,8 @@ def call_model(patcher, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> t
     prediction the adapters change), not the denoised latent."""
     import comfy.patcher_extension as ext
 
-    captured: list = []
-
-    def capture(executor, *args, **kw):
-        captured.append(executor(*args, **kw))
-        return captured[-1]
-
     options = {"wrappers": ext.copy_nested_dicts(patcher.wrappers)}
-    ext.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "test_capture", capture, options)
-    with torch.no_grad():
+    with torch.no_grad(), raw_output(patcher.model) as captured:
         patcher.model.apply_model(x, sigma, transformer_options=options, **kwargs)
     return captured[0].float()
 

@@ -102,7 +102,7 @@ def rank_spy(patcher, holder, seen: list) -> None:
         seen.append(holder.state.active(holder.weights.schedule).tolist())
         return executor(*args, **kwargs)
 
-    patcher.add_wrapper_with_key(ext.WrappersMP.DIFFUSION_MODEL, "spy", wrapper)
+    patcher.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "spy", wrapper)   # every model runs these
 
 
 def test_active_rank_follows_the_family_timestep_rule(comfy, patch, timesteps, family):

@@ -62,7 +62,7 @@ def test_flux_targets_split_fused_qkv_into_three_adapters(comfy, tr):
 def test_targets_reject_unknown_architecture_and_scope(comfy, tr):
     model = comfy.build_model("sdxl", device="meta")
     with pytest.raises(ValueError, match=f"knows {comfy.families.known_labels()}"):
-        tr.targets.find_targets(model.diffusion_model, "sd3")
+        tr.targets.find_targets(model.diffusion_model, "nope")
     with pytest.raises(ValueError, match="scope"):
         tr.targets.find_targets(model.diffusion_model, "sdxl", "everything")
 

@@ -25,7 +25,7 @@ def _flags():
 
 @pytest.fixture
 def flag_watch(pack):
-    """Records ComfyUI's training flags at every diffusion-model call of a training run."""
+    """Records ComfyUI's training flags at every model call of a training run."""
     import comfy.patcher_extension
 
     seen = []
@@ -36,7 +36,7 @@ def flag_watch(pack):
 
     def watch(model, key="test_flags"):
         watched = model.clone()
-        watched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, key, record)
+        watched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, record)
         return watched
 
     return watch, seen

@@ -13,9 +13,11 @@ instead compares denoised latents, which weights an eps model's error by sigma^2
 The schedule timesteps follow the one rule of :mod:`.timesteps`, which the Loader applies to the
 sigmas of sampling, so a trained adapter sees the same masks at inference as in training.
 
-The raw output is captured by an outermost ``DIFFUSION_MODEL`` wrapper while the model is called
-through ``BaseModel.apply_model`` with the patcher's transformer options and wrappers, so every
-conditioning conversion and patch ComfyUI applies when sampling also applies when training.
+The raw output is captured by a forward hook on the diffusion model (what its call returns, after
+every ``DIFFUSION_MODEL`` wrapper; a hook because some model classes, SD3's MMDiT, run no such
+wrappers) while the model is called through ``BaseModel.apply_model`` with the patcher's
+transformer options and wrappers, so every conditioning conversion and patch ComfyUI applies when
+sampling also applies when training.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import comfy.patcher_extension
 import torch
 
 from .timesteps import schedule_timesteps, timestep_rule
-
-CAPTURE_KEY = "tlora_train_capture"
 
 
 def objective_kind(model_sampling) -> str:
@@ -86,10 +86,8 @@ class NativePredictor:
         self.patcher = patcher
         self._captured: torch.Tensor | None = None
 
-    def _capture(self, executor, *args, **kwargs):
-        out = executor(*args, **kwargs)
-        self._captured = out
-        return out
+    def _capture(self, module, args, output) -> None:
+        self._captured = output
 
     def transformer_options(self, sigma: torch.Tensor) -> dict:
         options = comfy.model_patcher.create_model_options_clone(self.patcher.model_options)
@@ -98,10 +96,6 @@ class NativePredictor:
                                                    copy_dict1=False)
         comfy.patcher_extension.merge_nested_dicts(to.setdefault("callbacks", {}), self.patcher.callbacks,
                                                    copy_dict1=False)
-        # Outermost DIFFUSION_MODEL wrapper (wrappers run in insertion order, first = outermost).
-        wrappers = to["wrappers"]
-        inner = wrappers.get(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, {})
-        wrappers[comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL] = {CAPTURE_KEY: [self._capture], **inner}
         to["sigmas"] = sigma
         to["cond_or_uncond"] = [0] * int(sigma.shape[0])
         return to
@@ -112,6 +106,7 @@ class NativePredictor:
         kwargs["transformer_options"] = self.transformer_options(sigma)
         self._captured = None
         wrapper = self.patcher.model_options.get("model_function_wrapper")
+        hook = model.diffusion_model.register_forward_hook(self._capture)
         try:
             if wrapper is not None:
                 wrapper(model.apply_model, {"input": x_t, "timestep": sigma, "c": kwargs,
@@ -123,4 +118,5 @@ class NativePredictor:
                                    "remove caching / skipping patches before training")
             return self._captured
         finally:
+            hook.remove()
             self._captured = None

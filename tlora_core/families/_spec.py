@@ -52,11 +52,14 @@ def after_qkv(out_features: int, in_features: int) -> list:
 @dataclass(frozen=True)
 class Layers:
     """Target rule: every Linear whose path matches ``pattern`` (``re.search``), in ``scope``
-    (``"attention"``, or ``"ff"`` = only with ``"attention+ff"``), split into adapters by ``rows``."""
+    (``"attention"``, or ``"ff"`` = only with ``"attention+ff"``), split into adapters by ``rows``;
+    with ``when``, only the paths for which ``when(path, inventory)`` holds (a layer whose role
+    depends on its neighbours, such as SD3's last text block, which has no output projection)."""
 
     pattern: str
     scope: str = "attention"
     rows: Rows = whole
+    when: Callable[[str, Inventory], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,11 +128,11 @@ class Family:
         if scope not in SCOPES:
             raise ValueError(f"unknown target scope {scope!r} (known: {', '.join(SCOPES)})")
         rules = [r for r in self.layers if r.scope == "attention" or scope == "attention+ff"]
-        compiled = [(re.compile(r.pattern), r.rows) for r in rules]
+        compiled = [(re.compile(r.pattern), r.rows, r.when) for r in rules]
         out = []
         for name, (out_f, in_f) in inventory.items():
-            for pattern, rows in compiled:
-                if pattern.search(name):
+            for pattern, rows, when in compiled:
+                if pattern.search(name) and (when is None or when(name, inventory)):
                     out.extend(TrainTarget(name, r, out_f, in_f) for r in rows(out_f, in_f))
         if not out:
             raise ValueError(f"no {scope} layers found in this {self.label} model; is it really "
