@@ -50,6 +50,7 @@ def pretrain(steps: int, batch: int, seed: int, lr: float, out: Path, log_every:
     gen = torch.Generator().manual_seed(seed)
     base = toy_model.base_model(seed)
     unet = base.diffusion_model
+    unet.requires_grad_(True)  # ComfyUI 0.33's layers are created frozen
     ms = base.model_sampling
     _, x0_all, ctx_all, pooled_all = training_set()
     empty_ctx, empty_pooled = text.encode([""])
