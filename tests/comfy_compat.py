@@ -67,6 +67,14 @@ def chroma_config(config: dict[str, Any]) -> dict[str, Any]:
     return params_config(ChromaParams, config, {"txt_ids_dims": [], "vec_in_dim": None})
 
 
+def flux2_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` fitted to this runtime's FluxParams for FLUX.2: 0.33 requires ``txt_ids_dims``
+    (its model detection gives FLUX.2 ``[3]``), 0.3.75 does not accept it."""
+    from comfy.ldm.flux.model import FluxParams
+
+    return params_config(FluxParams, config, {"txt_ids_dims": [3]})
+
+
 def cached_output(executor, node_id: str):
     """The executor's cache entry for ``node_id`` (``.outputs`` per slot, ``.ui``), or None."""
     cache = executor.caches.outputs

@@ -124,6 +124,38 @@ TINY["sd3"] = TinyFamily(
     cond_extra={})
 
 
+def _scale_flux2_modulations(model, seed: int) -> None:
+    # FLUX.2's shared modulations have no bias: seeded at 0.05 std, their shifts / scales / gates
+    # average ~0.018 (measured) and the blocks barely reach the output (3x larger block outputs move
+    # it by 1% of its scale, 9% on the tiny FLUX.1). Ten times the seed (outputs ~0.18) lets the
+    # blocks act on the tiny model as FLUX.1's biased modulations do.
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.diffusion_model.named_parameters():
+            if "stream_modulation" in name:
+                param.mul_(10.0)
+
+
+TINY["flux2"] = TinyFamily(
+    # FLUX.2's configuration of the BFL transformer at hidden 64 (2 heads of 32 = 4 rope axes of 8),
+    # one double and one single block; the rest as ComfyUI's detection sets it for FLUX.2.
+    supported_model="Flux2", fixed_tokens=None, complete=lambda c: comfy_compat.flux2_config(c),
+    after_build=_scale_flux2_modulations,
+    guidance=3.5,   # the raw model's guidance input (dev has a guidance embedder)
+    # FLUX.2 dev: 8 double blocks x (img q, k, v, proj + txt q, k, v), 48 single blocks x linear1's
+    # q, k, v; ff adds img / txt MLPs (4) per double block, linear1's MLP rows and linear2 per single
+    real_targets={"attention": 8 * 7 + 48 * 3, "attention+ff": 8 * 11 + 48 * 5},
+    config={
+        "image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": 2, "mlp_ratio": 3.0,
+        "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True,
+        "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+        "patch_size": 1, "in_channels": 128, "vec_in_dim": None, "hidden_size": 64,
+        "context_in_dim": 32, "depth": 1, "depth_single_blocks": 1, "guidance_embed": True,
+    },
+    cond_extra={"guidance": 3.5})
+
+
 def raw_inputs(family: str, batch: int, gen, tokens: int = 8):
     """``(context, extra kwargs)`` of a tiny model's raw forward: ``y`` and ``guidance`` where the
     family has them (drawn from ``gen`` after the context)."""

@@ -80,7 +80,7 @@ def test_config_classes_tell_families_that_share_a_model_class_apart(monkeypatch
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("class_name, parent", [("Flux2", "Flux"), ("ChromaRadiance", "Chroma")])
+@pytest.mark.parametrize("class_name, parent", [("LongCatImage", "Flux"), ("ChromaRadiance", "Chroma")])
 def test_subclasses_of_known_classes_in_comfyui_are_not_taken_for_their_parent(comfy, class_name, parent):
     import comfy.model_base as model_base
 
@@ -155,6 +155,19 @@ def test_fused_rows_split_per_projection():
         flux.targets(inventory, "everything")
     with pytest.raises(ValueError, match="no attention layers found in this SDXL model"):
         families.get("sdxl").targets(inventory)
+
+
+def test_flux2_linear1_mlp_rows_are_the_swiglu_gate_and_up():
+    # FLUX.2's single-block linear1 is [q | k | v | gate + up], the MLP part 2 x 3h = 6h rows (FLUX.1: 4h).
+    flux2 = families.get("flux2")
+    h = 8
+    inventory = {"double_stream_modulation_img.lin": (6 * h, h), "double_blocks.0.img_attn.qkv": (3 * h, h),
+                 "double_blocks.0.img_attn.proj": (h, h), "single_blocks.0.linear1": (3 * h + 6 * h, h),
+                 "single_blocks.0.linear2": (h, h + 3 * h)}
+    assert families.from_inventory(inventory) is flux2
+    ff = [(t.module, t.out_rows) for t in flux2.targets(inventory, "attention+ff")]
+    assert ff[-2:] == [("single_blocks.0.linear1", (3 * h, 9 * h)), ("single_blocks.0.linear2", None)]
+    assert not any(t.module.startswith("double_stream_modulation") for t in flux2.targets(inventory, "attention+ff"))
 
 
 @pytest.mark.parametrize("rank, expected", [(64, 32), (32, 16), (7, 4), (3, 2), (1, 1)])

@@ -16,9 +16,11 @@ from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
 
 def _is_flux1(inventory: Inventory) -> bool:
     # The BFL transformer's block names; Chroma's has the same ones and its own guidance
-    # approximator (distilled_guidance_layer), which FLUX.1 lacks.
+    # approximator (distilled_guidance_layer), FLUX.2's its shared modulations
+    # (double_stream_modulation_img / _txt, single_stream_modulation), which FLUX.1 lacks.
     return any(p.startswith(("double_blocks.", "single_blocks.")) for p in inventory) and \
-        not any(p.startswith("distilled_guidance_layer.") for p in inventory)
+        not any(p.startswith(("distilled_guidance_layer.", "double_stream_modulation_", "single_stream_modulation."))
+                for p in inventory)
 
 
 def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:

@@ -1,0 +1,77 @@
+"""FLUX.2: ComfyUI's BFL transformer in its FLUX.2 configuration (``image_model "flux2"``), flow
+sampling, 128 latent channels, no pooled vector.
+
+``model_base.Flux2`` subclasses ``model_base.Flux`` (recognition by exact class name keeps the two
+apart). Its diffusion model is FLUX.1's class with FLUX.1's block classes, so the fused layers,
+their names in files and the in-place updates (hence checkpointing) are FLUX.1's; what differs:
+shared modulations (``double_stream_modulation_img/txt``, ``single_stream_modulation``) instead of
+per-block ones, SwiGLU MLPs (``img_mlp.0`` and the MLP rows of ``linear1`` are gate + up, 6h
+rows), no biases, no ``vector_in``. The pack writes all adapters of one fused module as one
+block-diagonal ``lora_unet_`` pair, so ComfyUI's FLUX.1-width ``proj_mlp`` alias never comes into it.
+
+Covered: FLUX.2 dev (both runtimes). Klein 4B / 9B share the class; ComfyUI 0.3.75's detection
+builds them with 48 heads and fails, so only newer ComfyUI loads them (not in the tests yet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..inventory import Inventory
+from . import bfl_names
+from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
+
+# The shared modulation only the FLUX.2 configuration of the BFL transformer has.
+GLOBAL_MODULATION = "double_stream_modulation_img.lin"
+
+
+def _is_flux2(inventory: Inventory) -> bool:
+    return GLOBAL_MODULATION in inventory and "single_blocks.0.linear1" in inventory
+
+
+def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    return unet_config.get("context_in_dim"), None
+
+
+FAMILY = Family(
+    id="flux2",
+    label="FLUX.2",
+    description="a FLUX.2 transformer",
+    model_classes=("Flux2",),
+    recognise_inventory=_is_flux2,
+    timestep="flow",
+    latent_channels=128,
+    pooled_output=False,
+    # FLUX.1's rule (the reference code's layers; the blocks are FLUX.1's classes): q/k/v rows of
+    # img and txt qkv, img_attn.proj, the q/k/v rows of linear1. attention+ff adds the MLPs, the
+    # (SwiGLU) MLP rows of linear1 and linear2. Modulations and embedders are never targets.
+    layers=(
+        Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
+        Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
+        Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
+        Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
+        Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
+        Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
+    ),
+    recipe=Recipe(
+        variant="vanilla", rank=16, needs_checkpointing=True, training_guidance=1.0,
+        why="FLUX.2: Vanilla T-LoRA at rank 16, a starting point, not the paper's recipe: FLUX.2 is "
+            "FLUX-like and the reference FLUX script trains Vanilla T-LoRA; rank 16 because the 32B "
+            "dev base already gives ~40 M adapter parameters at rank 16 (common FLUX.2 trainers "
+            "start at small ranks, lr 1e-4); trained at guidance 1.0 like FLUX.1-dev."),
+    file_labels={"modelspec.architecture": "flux-2-dev/lora", "ss_base_model_version": "flux2"},
+    foreign_names=bfl_names.diffusers_names,
+    conditioning_widths=_conditioning_widths,
+    checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
+    # FLUX.2 dev as ComfyUI's model detection gives it (8 double, 48 single blocks, hidden 6144,
+    # 48 heads of 128); newer ComfyUI adds txt_ids_dims [3] (see the tiny test config).
+    real_config={
+        "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 48, "mlp_ratio": 3.0,
+        "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True,
+        "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+        "patch_size": 1, "in_channels": 128, "vec_in_dim": None, "hidden_size": 6144,
+        "context_in_dim": 15360, "depth": 8, "depth_single_blocks": 48, "guidance_embed": True,
+    },
+    position=22,
+)
