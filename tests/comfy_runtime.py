@@ -61,6 +61,24 @@ def comfyui_root() -> Path:
     return root
 
 
+def comfyui_version() -> str:
+    """The version of the ComfyUI at :func:`comfyui_root`, read from its ``comfyui_version.py``
+    without importing ComfyUI (test collection uses it)."""
+    import re
+
+    text = (comfyui_root() / "comfyui_version.py").read_text(encoding="utf-8")
+    match = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    if match is None:
+        raise RuntimeError(f"no __version__ in {comfyui_root() / 'comfyui_version.py'}")
+    return match.group(1)
+
+
+def real_config(family: str, name: str | None = None) -> dict[str, Any]:
+    """The family file's real config, or its other real config ``name`` (FLUX.2 Klein)."""
+    spec = families.get(family)
+    return dict(spec.real_config if name is None else spec.other_real_configs[name])
+
+
 def bootstrap(cpu: bool = True) -> None:
     """Make ComfyUI importable in this process, on the CPU unless ``cpu=False`` (device scripts
     under bench/; the first call decides), and import the pack."""

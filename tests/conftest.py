@@ -55,6 +55,36 @@ def family(request) -> str:
     return request.param
 
 
+def _real_size_id(param) -> str:
+    family, name = param
+    return family if name is None else f"{family}-{name}"
+
+
+@pytest.fixture(params=__import__("family_configs").real_sizes(), ids=_real_size_id)
+def real_size(request) -> tuple[str, str | None]:
+    """Every real-size model the families declare: ``(family, None)`` for the family file's
+    real_config, ``(family, name)`` for its other ones; those this ComfyUI cannot load are deselected."""
+    return request.param
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Deselect (not skip) the real-size tests of models the running ComfyUI does not load."""
+    import comfy_runtime
+    import family_configs
+
+    version = comfy_runtime.comfyui_version()
+    keep, drop = [], []
+    for item in items:
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("real_size")
+        if param is not None and version not in family_configs.real_size_runtimes(*param):
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def tiny_model(comfy, family):
     """A fresh tiny ModelPatcher of ``family`` with seeded weights."""

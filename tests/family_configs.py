@@ -39,6 +39,9 @@ class TinyFamily:
     after_build: Callable[[Any, int], None] = lambda model, seed: None
     # The ComfyUI versions its tests run on (the README's family table says so).
     runtimes: tuple[str, ...] = ("0.3.75", "0.33.0")
+    # The family file's other real configs: name -> (the ComfyUI versions that load it, adapters
+    # per target scope). Their real-size tests are deselected on the other versions.
+    other_real: dict[str, tuple[tuple[str, ...], dict[str, int]]] = field(default_factory=dict)
 
 
 TINY: dict[str, TinyFamily] = {
@@ -146,6 +149,13 @@ TINY["flux2"] = TinyFamily(
     # FLUX.2 dev: 8 double blocks x (img q, k, v, proj + txt q, k, v), 48 single blocks x linear1's
     # q, k, v; ff adds img / txt MLPs (4) per double block, linear1's MLP rows and linear2 per single
     real_targets={"attention": 8 * 7 + 48 * 3, "attention+ff": 8 * 11 + 48 * 5},
+    # Klein 4B (5 double, 20 single blocks) and 9B (8, 24), counted the same way. ComfyUI 0.3.75
+    # detects them with 48 heads (4B: "expected positional dim 64", 9B: "4096 must be divisible
+    # by num_heads 48"): only 0.33 loads them.
+    other_real={
+        "klein-4b": (("0.33.0",), {"attention": 5 * 7 + 20 * 3, "attention+ff": 5 * 11 + 20 * 5}),
+        "klein-9b": (("0.33.0",), {"attention": 8 * 7 + 24 * 3, "attention+ff": 8 * 11 + 24 * 5}),
+    },
     config={
         "image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": 2, "mlp_ratio": 3.0,
         "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True,
@@ -154,6 +164,25 @@ TINY["flux2"] = TinyFamily(
         "context_in_dim": 32, "depth": 1, "depth_single_blocks": 1, "guidance_embed": True,
     },
     cond_extra={"guidance": 3.5})
+
+
+def real_sizes() -> list[tuple[str, str | None]]:
+    """``(family, other real config or None = the family file's real_config)`` for every family."""
+    out: list[tuple[str, str | None]] = []
+    for family, tiny in TINY.items():
+        out.append((family, None))
+        out.extend((family, name) for name in tiny.other_real)
+    return out
+
+
+def real_size_runtimes(family: str, name: str | None) -> tuple[str, ...]:
+    tiny = TINY[family]
+    return tiny.runtimes if name is None else tiny.other_real[name][0]
+
+
+def real_size_targets(family: str, name: str | None) -> dict[str, int]:
+    tiny = TINY[family]
+    return tiny.real_targets if name is None else tiny.other_real[name][1]
 
 
 def raw_inputs(family: str, batch: int, gen, tokens: int = 8):

@@ -126,16 +126,17 @@ def test_an_inventory_of_no_known_family_is_refused_with_what_is_known():
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("scope", ["attention", "attention+ff"])
-def test_targets_of_the_real_size_models(comfy, family, scope):
-    """The family file's real config on the meta device: recognised as the family, with the
+def test_targets_of_the_real_size_models(comfy, real_size, scope):
+    """The family file's real configs on the meta device: recognised as the family, with the
     adapter count its tiny test config states (counted from ComfyUI's model code)."""
     import family_configs
 
+    family, name = real_size
     real = families.get(family)
-    dm = comfy.build_model(family, dict(real.real_config), device="meta").diffusion_model
+    dm = comfy.build_model(family, comfy.real_config(family, name), device="meta").diffusion_model
     assert families.from_inventory(_inventory(dm)) is real
     targets = real.targets(_inventory(dm), scope)
-    assert len(targets) == family_configs.TINY[family].real_targets[scope]
+    assert len(targets) == family_configs.real_size_targets(family, name)[scope]
     assert all(isinstance(t, TrainTarget) and t.rows >= 1 for t in targets)
 
 

@@ -37,14 +37,15 @@ def test_real_size_flux_has_fused_qkv(comfy):
     assert "double_blocks.19.img_attn.qkv" not in shapes and "single_blocks.38.linear1" not in shapes
 
 
-def test_real_size_configs_are_what_comfyui_detects(comfy, family):
+def test_real_size_configs_are_what_comfyui_detects(comfy, real_size):
     """The real-size configs, written out here, against this runtime's own checkpoint detection
     (comfy.model_detection) of the state dict they make: same model class, and the detected config
     builds the same model (newer ComfyUI's detection also spells out fields at their defaults)."""
     from comfy.model_detection import model_config_from_unet
 
     runtime = comfy   # the harness module (the fixture), not ComfyUI's package
-    config = runtime.families.get(family).real_config
+    family, name = real_size
+    config = runtime.real_config(family, name)
     state_dict = runtime.build_model(family, config, device="meta").diffusion_model.state_dict()
     detected = model_config_from_unet(state_dict, "")
     ours = runtime.family_model_config(family, config)
@@ -70,3 +71,28 @@ def test_run_prompt_executes_a_real_graph(comfy):
     images = executor.history_result["outputs"]["2"]["images"]
     assert len(images) == 2
     assert any(event == "executed" for event, _ in server.messages)
+
+
+def test_real_size_models_deselected_here_do_not_load_here(comfy):
+    """A real-size model whose tests this ComfyUI deselects (its tiny config's runtimes leave this
+    version out: FLUX.2 Klein on 0.3.75) really fails this runtime's checkpoint detection, so the
+    deselection hides no model that works."""
+    from comfy.model_detection import model_config_from_unet
+
+    import family_configs
+
+    runtime = comfy
+    version = runtime.comfyui_version()
+    for family, name in family_configs.real_sizes():
+        if version in family_configs.real_size_runtimes(family, name):
+            continue
+        # The state dict of the real shapes, built from ComfyUI's classes with the config given.
+        state_dict = runtime.build_model(family, runtime.real_config(family, name),
+                                         device="meta").diffusion_model.state_dict()
+        with pytest.raises((AssertionError, RuntimeError, ValueError)):
+            detected = model_config_from_unet(state_dict, "")
+            with torch.device("meta"):
+                rebuilt = detected.get_model({}).diffusion_model
+            # a model detected with other shapes does not load either
+            assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
+                {k: v.shape for k, v in state_dict.items()}

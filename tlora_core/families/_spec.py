@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..adapter import VARIANTS
@@ -110,6 +110,9 @@ class Family:
     config_classes: tuple[str, ...] = ()      # comfy.supported_models names; () = any
     latent_ndim: int = 4                      # 4: (B, C, H, W); 5: (B, C, T, H, W)
     position: int = 100                       # order in lists and messages (then by id)
+    # Other released models of the family (FLUX.2 Klein beside dev): name -> unet config, checked
+    # like real_config; the README's table shows real_config's.
+    other_real_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.timestep not in TIMESTEP_RULES:

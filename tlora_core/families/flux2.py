@@ -9,8 +9,9 @@ per-block ones, SwiGLU MLPs (``img_mlp.0`` and the MLP rows of ``linear1`` are g
 rows), no biases, no ``vector_in``. The pack writes all adapters of one fused module as one
 block-diagonal ``lora_unet_`` pair, so ComfyUI's FLUX.1-width ``proj_mlp`` alias never comes into it.
 
-Covered: FLUX.2 dev (both runtimes). Klein 4B / 9B share the class; ComfyUI 0.3.75's detection
-builds them with 48 heads and fails, so only newer ComfyUI loads them (not in the tests yet).
+FLUX.2 dev is the real config; Klein 4B / 9B (same class, no guidance embedder, 128-wide heads) are
+other real configs. ComfyUI 0.3.75's detection gives every FLUX.2 checkpoint 48 heads and fails
+to build Klein, so only newer ComfyUI (0.33) loads Klein.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
 
 # The shared modulation only the FLUX.2 configuration of the BFL transformer has.
 GLOBAL_MODULATION = "double_stream_modulation_img.lin"
+
+
+def _detected(**sizes: Any) -> dict[str, Any]:
+    """A FLUX.2 unet config as ComfyUI's model detection gives it, at these sizes (newer ComfyUI
+    adds txt_ids_dims [3], which 0.3.75's FluxParams does not accept: see the tiny test config)."""
+    return {
+        "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "mlp_ratio": 3.0, "theta": 2000,
+        "out_channels": 128, "global_modulation": True, "mlp_silu_act": True, "qkv_bias": False,
+        "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "patch_size": 1,
+        "in_channels": 128, "vec_in_dim": None, **sizes,
+    }
 
 
 def _is_flux2(inventory: Inventory) -> bool:
@@ -65,13 +77,15 @@ FAMILY = Family(
     conditioning_widths=_conditioning_widths,
     checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
     # FLUX.2 dev as ComfyUI's model detection gives it (8 double, 48 single blocks, hidden 6144,
-    # 48 heads of 128); newer ComfyUI adds txt_ids_dims [3] (see the tiny test config).
-    real_config={
-        "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 48, "mlp_ratio": 3.0,
-        "theta": 2000, "out_channels": 128, "global_modulation": True, "mlp_silu_act": True,
-        "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
-        "patch_size": 1, "in_channels": 128, "vec_in_dim": None, "hidden_size": 6144,
-        "context_in_dim": 15360, "depth": 8, "depth_single_blocks": 48, "guidance_embed": True,
+    # 48 heads of 128, text width 3 x 5120 of Mistral-3 24B).
+    real_config=_detected(hidden_size=6144, num_heads=48, context_in_dim=15360, depth=8,
+                          depth_single_blocks=48, guidance_embed=True),
+    # Klein (newer ComfyUI only): text width 3 x the Qwen3 4B / 8B hidden size, no guidance input.
+    other_real_configs={
+        "klein-4b": _detected(hidden_size=3072, num_heads=24, context_in_dim=7680, depth=5,
+                              depth_single_blocks=20, guidance_embed=False),
+        "klein-9b": _detected(hidden_size=4096, num_heads=32, context_in_dim=12288, depth=8,
+                              depth_single_blocks=24, guidance_embed=False),
     },
     position=22,
 )
