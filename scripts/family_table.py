@@ -28,7 +28,8 @@ def _layers(targets) -> str:
         per_module[t.module] = per_module.get(t.module, 0) + 1
     seen: dict[str, int] = {}
     for module, count in per_module.items():
-        seen.setdefault(re.split(r"blocks?\.\d+\.(?:\d+\.)?", module)[-1], count)
+        # The name inside its block: after the last "<stack>.<index>." (blocks, layers, refiners).
+        seen.setdefault(re.split(r"[A-Za-z_]+\.\d+\.(?:\d+\.)?", module)[-1], count)
     return ", ".join(f"`{name}`" + (f" ({count} row groups)" if count > 1 else "")
                      for name, count in seen.items())
 

@@ -31,6 +31,7 @@ class TinyFamily:
     cond_extra: dict[str, Any]                 # conditioning options besides pooled_output
     y_width: int | None = None                 # the raw model's ``y`` input (pooled / adm), if any
     guidance: float | None = None              # the raw model's ``guidance`` input, if any
+    tokens_input: str | None = None            # the raw model's input of the text token count, if any
     complete: Callable[[dict], dict] = dict    # config -> what this runtime's classes require
     fix: Callable[[Any], None] = lambda model_config: None   # adjust the built model config
     # Adapters of the family file's real config per target scope, counted from the model code.
@@ -187,7 +188,8 @@ def real_size_targets(family: str, name: str | None) -> dict[str, int]:
 
 def raw_inputs(family: str, batch: int, gen, tokens: int = 8):
     """``(context, extra kwargs)`` of a tiny model's raw forward: ``y`` and ``guidance`` where the
-    family has them (drawn from ``gen`` after the context)."""
+    family has them (drawn from ``gen`` after the context), then the text token count where the
+    model takes it (Z-Image's ``num_tokens``)."""
     import torch
 
     tiny = TINY[family]
@@ -197,4 +199,6 @@ def raw_inputs(family: str, batch: int, gen, tokens: int = 8):
         extra["y"] = torch.randn(batch, tiny.y_width, generator=gen)
     if tiny.guidance is not None:
         extra["guidance"] = torch.full((batch,), tiny.guidance)
+    if tiny.tokens_input is not None:
+        extra[tiny.tokens_input] = ctx.shape[1]
     return ctx, extra

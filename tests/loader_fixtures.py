@@ -216,6 +216,12 @@ def direct_inputs(family: str, batch: int, seed: int = 3) -> tuple[torch.Tensor,
     return x, {"c_crossattn": ctx, **extra}
 
 
+def sample_inputs(kwargs: dict, pick: slice) -> dict:
+    """The keyword conditioning of ``direct_inputs`` for the samples ``pick`` of the batch: tensors
+    sliced, constants (Z-Image's text token count) as they are, as ComfyUI's CONDConstant does."""
+    return {k: v[pick] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+
+
 def call_model(patcher, x: torch.Tensor, sigma: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One ``apply_model`` call of ``patcher``'s model with ``patcher``'s wrappers, as a sampler
     makes it (the caller loads the patcher first). Returns the raw diffusion-model output (the

@@ -36,7 +36,7 @@ def loaded_call(patcher, family: str, sample: int | None = None) -> torch.Tensor
     sigmas = lf.sigmas_for(patcher, family, POINTS)
     if sample is not None:
         pick = slice(sample, sample + 1)
-        x, sigmas, kwargs = x[pick], sigmas[pick], {k: v[pick] for k, v in kwargs.items()}
+        x, sigmas, kwargs = x[pick], sigmas[pick], lf.sample_inputs(kwargs, pick)
     mm.load_models_gpu([patcher])
     return lf.call_model(patcher, x, sigmas, kwargs)
 

@@ -178,7 +178,7 @@ def assert_per_sample_reference(comfy, base, factor_sets, family, x, sigmas, kwa
     plain = base.clone()
     mm.load_models_gpu([reference])
     want = torch.cat([lf.call_model(reference, x[i:i + 1], sigmas[i:i + 1],
-                                    {k: v[i:i + 1] for k, v in kwargs.items()})
+                                    lf.sample_inputs(kwargs, slice(i, i + 1)))
                       for i in range(len(sigmas))])
     mm.load_models_gpu([plain])
     without = lf.call_model(plain, x, sigmas, kwargs)
@@ -263,8 +263,9 @@ def stock_lora(comfy, patcher, rank: int = 4, seed: int = 7, strength: float = 0
     for lora_key, weight_key in key_map.items():
         # A tuple names rows of a fused weight (newer ComfyUI's diffusers aliases); the whole
         # weight has its own name in the map.
-        if not lora_key.startswith("lora_unet_") or "attn" not in lora_key or not isinstance(weight_key, str) \
-                or weight_key in done:
+        # Attention layers are spelled attn (UNets, FLUX, SD3) or attention (Z-Image).
+        if not lora_key.startswith("lora_unet_") or not ("attn" in lora_key or "attention" in lora_key) \
+                or not isinstance(weight_key, str) or weight_key in done:
             continue
         done.add(weight_key)   # the key map has several names (LDM, diffusers) per weight
         weight = utils.get_attr(patcher.model, weight_key)
