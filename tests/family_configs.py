@@ -167,6 +167,22 @@ TINY["flux2"] = TinyFamily(
     cond_extra={"guidance": 3.5})
 
 
+TINY["zimage"] = TinyFamily(
+    # dim 256, the least Z-Image's modulation takes (its adaLN reads min(dim, 256) features of a
+    # 256-wide timestep embedding); 2 heads of 128 (= sum of axes_dims), one block per stack.
+    supported_model="ZImage", fixed_tokens=None, tokens_input="num_tokens",
+    # Z-Image Turbo: 30 layers + 2 noise + 2 context refiners, each qkv (3) + out; ff adds w1-w3.
+    real_targets={"attention": 34 * 4, "attention+ff": 34 * 7},
+    config={
+        "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 32,
+        "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
+        "axes_dims": [32, 48, 48], "axes_lens": [64, 64, 64], "rope_theta": 256.0,
+        "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
+        "pad_tokens_multiple": 32,
+    },
+    cond_extra={})
+
+
 def real_sizes() -> list[tuple[str, str | None]]:
     """``(family, other real config or None = the family file's real_config)`` for every family."""
     out: list[tuple[str, str | None]] = []

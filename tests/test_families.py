@@ -65,16 +65,18 @@ def test_unknown_model_names_its_class_and_the_known_families():
 
 
 def test_config_classes_tell_families_that_share_a_model_class_apart(monkeypatch):
-    # Z-Image shares Lumina2's model class: a family may name the config classes it accepts.
-    lumina = Family(
+    # Z-Image shares Lumina2's model class: a family names the config classes it accepts, so a
+    # second family on that class (a made-up one here) is told apart by its config class too.
+    other = Family(
         id="zz", label="ZZ", description="a ZZ model", model_classes=("Lumina2",),
         recognise_inventory=lambda inv: False, timestep="flow", latent_channels=16,
         pooled_output=False, layers=(Layers(r"\.qkv$"),), file_labels={},
         recipe=Recipe(variant="tlora", rank=8, why="test"), foreign_names=lambda inv: {},
         conditioning_widths=lambda c: (None, None), checkpoint_blocks=(), real_config={},
-        config_classes=("ZImage",))
-    monkeypatch.setitem(families._FAMILIES, "zz", lumina)
-    assert families.recognise(_instance("Lumina2", "ZImage")) is lumina
+        config_classes=("ZZConfig",))
+    monkeypatch.setitem(families._FAMILIES, "zz", other)
+    assert families.recognise(_instance("Lumina2", "ZZConfig")) is other
+    assert families.recognise(_instance("Lumina2", "ZImage")) is families.get("zimage")
     with pytest.raises(families.UnknownFamily, match="its class is Lumina2 \\(config Lumina2\\)"):
         families.recognise(_instance("Lumina2", "Lumina2"))
 
@@ -108,6 +110,28 @@ def test_a_model_on_the_shared_base_class_is_not_called_derived(comfy):
     with pytest.raises(families.UnknownFamily) as err:
         families.recognise(model_base.HiDream.__new__(model_base.HiDream))   # a family the pack lacks
     assert "its class is HiDream (config none)" in str(err.value) and "derived" not in str(err.value)
+
+
+@pytest.mark.comfy
+def test_lumina_2_on_z_images_model_class_is_not_z_image(comfy):
+    # Lumina-Image-2.0 as ComfyUI's detection gives it (2 of its layers): model_base.Lumina2 like
+    # Z-Image, but config class Lumina2 and grouped key / value heads.
+    import comfy.supported_models
+    import torch
+
+    config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304,
+              "cap_feat_dim": 2304, "n_layers": 2, "qk_norm": True, "n_heads": 24, "n_kv_heads": 8,
+              "axes_dims": [32, 32, 32], "axes_lens": [300, 512, 512], "rope_theta": 10000.0,
+              "ffn_dim_multiplier": 4.0}
+    model_config = comfy.supported_models.Lumina2(config)
+    with torch.device("meta"):
+        model = model_config.get_model({})
+    assert type(model).__name__ in families.get("zimage").model_classes   # Z-Image's own class
+    with pytest.raises(families.UnknownFamily, match="its class is Lumina2 \\(config Lumina2\\)") as err:
+        families.recognise(model)
+    assert "derived" not in str(err.value)
+    with pytest.raises(families.UnknownFamily):
+        families.from_inventory(_inventory(model.diffusion_model))
 
 
 @pytest.mark.comfy
@@ -232,3 +256,23 @@ def test_readme_family_table_is_generated_from_the_inventories(comfy):
     assert family_table.HEADER in readme
     missing = [line for line in family_table.rows() if line not in readme]
     assert not missing, "README family table out of date; rerun scripts/family_table.py:\n" + "\n".join(missing)
+
+
+@pytest.mark.comfy
+def test_z_image_diffusers_names_are_comfyuis(comfy):
+    """Z-Image's diffusers spellings (``attention.to_q`` ... on rows of the fused qkv) land on the
+    weights and rows ComfyUI's own key map gives them (``diffusion_model.<name>``)."""
+    from comfy.lora import model_lora_keys_unet
+
+    model = comfy.build_model("zimage")
+    key_map = model_lora_keys_unet(model.model, {})
+    ours = families.get("zimage").foreign_names(_inventory(model.model.diffusion_model))
+    assert any(name.endswith(".attention.to_k") for name in ours)
+    for name, target in ours.items():
+        stock = key_map[f"diffusion_model.{name}"]
+        weight = f"diffusion_model.{target.module}.weight"
+        if target.out_rows is None:
+            assert stock == weight, name
+        else:
+            start, end = target.out_rows
+            assert stock == (weight, (0, start, end - start)), name
