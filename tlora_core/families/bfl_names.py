@@ -14,6 +14,24 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..inventory import Inventory, Target
+from ._spec import Layers, after_qkv, leading_qkv, thirds
+
+ATTENTION_AND_FF = (
+    Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
+    Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
+    Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
+    Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
+    Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
+    Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
+)
+"""The BFL transformer families' target layers (FLUX.1, FLUX.2, Chroma share the block classes),
+the reference code's for FLUX: per double block the q/k/v rows of img and txt ``qkv`` (three
+adapters on each fused layer) and ``img_attn.proj`` (to_out); per single block the q/k/v rows of
+``linear1`` (its MLP rows are read off the layer, 4h on FLUX.1, 6h SwiGLU on FLUX.2). The
+reference never trains ``txt_attn.proj`` nor a single block's output. attention+ff adds the MLPs,
+the MLP rows of ``linear1`` and all of ``linear2``. Modulations and embedders are never targets."""
+CHECKPOINT_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock")
+"""The BFL blocks gradient checkpointing wraps (they update tensors in place: backward needs it)."""
 
 
 @dataclass(frozen=True)

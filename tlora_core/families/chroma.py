@@ -13,7 +13,7 @@ from typing import Any
 
 from ..inventory import Inventory
 from . import bfl_names
-from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
+from ._spec import Family, Recipe
 
 
 def _is_chroma(inventory: Inventory) -> bool:
@@ -35,14 +35,7 @@ FAMILY = Family(
     pooled_output=False,
     # FLUX.1's rule: the blocks are FLUX.1's. distilled_guidance_layer.* (the modulation
     # approximator) is not attention and never a target.
-    layers=(
-        Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
-        Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
-        Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
-        Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
-        Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
-        Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
-    ),
+    layers=bfl_names.ATTENTION_AND_FF,
     recipe=Recipe(
         variant="vanilla", rank=16, needs_checkpointing=True, training_guidance=0.0,
         why="Chroma: Vanilla T-LoRA at rank 16, not the paper's recipe but common trainers' "
@@ -51,7 +44,7 @@ FAMILY = Family(
     file_labels={"modelspec.architecture": "chroma/lora", "ss_base_model_version": "chroma"},
     foreign_names=bfl_names.diffusers_names,
     conditioning_widths=_conditioning_widths,
-    checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
+    checkpoint_blocks=bfl_names.CHECKPOINT_BLOCKS,
     # Chroma1-HD as ComfyUI's model detection gives it (FLUX.1's widths, no vector_in).
     real_config={
         "image_model": "chroma", "in_channels": 64, "out_channels": 64, "patch_size": 2,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..inventory import Inventory
 from . import bfl_names
-from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
+from ._spec import Family, Recipe
 
 
 def _is_flux1(inventory: Inventory) -> bool:
@@ -36,18 +36,8 @@ FAMILY = Family(
     timestep="flow",
     latent_channels=16,
     pooled_output=True,
-    # The reference code's layers: per double block q/k/v of img and txt attention (three adapters
-    # on the rows of each fused qkv) and img_attn.proj (to_out); per single block the q/k/v rows of
-    # linear1. It never trains txt_attn.proj nor a single block's output. attention+ff adds the
-    # MLPs: img_mlp / txt_mlp, the MLP rows of linear1 and all of linear2.
-    layers=(
-        Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
-        Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
-        Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
-        Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
-        Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
-        Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
-    ),
+    # The reference code's layers (see bfl_names.ATTENTION_AND_FF).
+    layers=bfl_names.ATTENTION_AND_FF,
     recipe=Recipe(
         variant="vanilla", rank=32, needs_checkpointing=True, training_guidance=1.0,
         why="FLUX: Vanilla T-LoRA at rank 32, the only way the reference code trains FLUX (its "
@@ -55,7 +45,7 @@ FAMILY = Family(
     file_labels={"modelspec.architecture": "flux-1-dev/lora", "ss_base_model_version": "flux1"},
     foreign_names=bfl_names.diffusers_names,
     conditioning_widths=_conditioning_widths,
-    checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
+    checkpoint_blocks=bfl_names.CHECKPOINT_BLOCKS,
     # FLUX.1-dev as ComfyUI detects it (19 double blocks, 38 single blocks, hidden 3072).
     real_config={
         "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,

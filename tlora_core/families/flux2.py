@@ -21,7 +21,7 @@ from typing import Any
 
 from ..inventory import Inventory
 from . import bfl_names
-from ._spec import Family, Layers, Recipe, after_qkv, leading_qkv, thirds
+from ._spec import Family, Recipe
 
 # The shared modulation only the FLUX.2 configuration of the BFL transformer has.
 GLOBAL_MODULATION = "double_stream_modulation_img.lin"
@@ -55,17 +55,8 @@ FAMILY = Family(
     timestep="flow",
     latent_channels=128,
     pooled_output=False,
-    # FLUX.1's rule (the reference code's layers; the blocks are FLUX.1's classes): q/k/v rows of
-    # img and txt qkv, img_attn.proj, the q/k/v rows of linear1. attention+ff adds the MLPs, the
-    # (SwiGLU) MLP rows of linear1 and linear2. Modulations and embedders are never targets.
-    layers=(
-        Layers(r"^double_blocks\.\d+\.(img|txt)_attn\.qkv$", rows=thirds),
-        Layers(r"^double_blocks\.\d+\.img_attn\.proj$"),
-        Layers(r"^double_blocks\.\d+\.(img|txt)_mlp\.\d+$", scope="ff"),
-        Layers(r"^single_blocks\.\d+\.linear1$", rows=leading_qkv),
-        Layers(r"^single_blocks\.\d+\.linear1$", scope="ff", rows=after_qkv),
-        Layers(r"^single_blocks\.\d+\.linear2$", scope="ff"),
-    ),
+    # FLUX.1's rule: the blocks are FLUX.1's classes (see bfl_names.ATTENTION_AND_FF).
+    layers=bfl_names.ATTENTION_AND_FF,
     recipe=Recipe(
         variant="vanilla", rank=16, needs_checkpointing=True, training_guidance=1.0,
         why="FLUX.2: Vanilla T-LoRA at rank 16, a starting point, not the paper's recipe: FLUX.2 is "
@@ -75,7 +66,7 @@ FAMILY = Family(
     file_labels={"modelspec.architecture": "flux-2-dev/lora", "ss_base_model_version": "flux2"},
     foreign_names=bfl_names.diffusers_names,
     conditioning_widths=_conditioning_widths,
-    checkpoint_blocks=("DoubleStreamBlock", "SingleStreamBlock"),
+    checkpoint_blocks=bfl_names.CHECKPOINT_BLOCKS,
     # FLUX.2 dev as ComfyUI's model detection gives it (8 double, 48 single blocks, hidden 6144,
     # 48 heads of 128, text width 3 x 5120 of Mistral-3 24B).
     real_config=_detected(hidden_size=6144, num_heads=48, context_in_dim=15360, depth=8,
