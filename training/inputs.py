@@ -121,14 +121,16 @@ def check_numbers(steps: int, batch_size: int, learning_rate: float, save_every:
 
 
 def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: int = 8) -> torch.Tensor | None:
-    """The subject MASK as per-image loss weights (N, 1, h, w) at latent size, or None.
+    """The subject MASK as per-image loss weights at latent size, or None: (N, 1, h, w) for 4-D
+    latents, (N, 1, 1, h, w) for 5-D ones (the same weights for every frame), so that they
+    broadcast over the latent.
 
     The mask must have the image's size (latent size x ``downscale``) or the latent's size, and
     one mask for all images or one per image. Resized by area averaging (soft edges stay soft).
     """
     if mask is None:
         return None
-    n, _, h, w = samples.shape
+    n, (h, w) = samples.shape[0], samples.shape[-2:]
     m = mask if mask.ndim == 3 else mask.reshape(1, *mask.shape[-2:])
     if m.ndim != 3:
         raise ValueError(f"the mask has shape {tuple(mask.shape)}; expected (height, width) or "
@@ -146,16 +148,16 @@ def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: in
     empty = [i for i in range(n) if float(m[i].sum()) <= 0]
     if empty:
         raise ValueError(f"the mask is empty for image(s) {empty}: mark the subject (white = train)")
-    return m
+    return m.reshape(n, 1, *([1] * (samples.ndim - 4)), h, w)
 
 
 @dataclass
 class TrainingData:
     """Everything the loop draws from, as ordinary (non-inference) tensors."""
 
-    latents: torch.Tensor                  # (N, C, H, W) float32, model space (process_latent_in)
+    latents: torch.Tensor                  # (N, C, H, W) or (N, C, T, H, W) float32, model space
     conds: list[dict]                      # per image: {apply_model kwarg: CONDRegular, batch 1}
-    weights: torch.Tensor | None           # (N, 1, H, W) loss weights or None
+    weights: torch.Tensor | None           # (N, 1, H, W) or (N, 1, 1, H, W) loss weights or None
 
     @property
     def images(self) -> int:

@@ -68,15 +68,15 @@ def noisy_input_and_target(model_sampling, x0: torch.Tensor, noise: torch.Tensor
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor,
                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over the batch of each sample's MSE; with ``weight`` (B, 1, H, W) the MSE inside the
-    weighted region (sum w e^2 / (C sum w)), i.e. the subject mask's area only."""
+    """Mean over the batch of each sample's MSE; with ``weight`` (B, 1, H, W), or (B, 1, 1, H, W)
+    for 5-D latents, the MSE inside the weighted region (sum w e^2 / sum w, the weight broadcast
+    over channels and frames), i.e. the subject mask's area only."""
     err = (pred.float() - target.float()).square()
+    dims = tuple(range(1, err.ndim))
     if weight is None:
-        return err.mean(dim=tuple(range(1, err.ndim))).mean()
-    w = weight.to(err.dtype)
-    per_sample = (err * w).sum(dim=tuple(range(1, err.ndim)))
-    area = w.sum(dim=tuple(range(1, w.ndim))) * err.shape[1]
-    return (per_sample / area).mean()
+        return err.mean(dim=dims).mean()
+    w = weight.to(err.dtype).expand(err.shape)
+    return ((err * w).sum(dim=dims) / w.sum(dim=dims)).mean()
 
 
 class NativePredictor:
