@@ -82,7 +82,7 @@ def _setup(family: str, inference_weights: bool):
         model = comfy_runtime.build_model(family)
     with torch.inference_mode():
         gen = torch.Generator().manual_seed(0)
-        latents = [{"samples": torch.randn(1, comfy_runtime.latent_channels(family), SIZE, SIZE, generator=gen)}
+        latents = [{"samples": torch.randn(comfy_runtime.latent_shape(family, 1, SIZE), generator=gen)}
                    for _ in range(IMAGES)]
         positive = comfy_runtime.fake_conditioning(family)
     return model, latents, positive

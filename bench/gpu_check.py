@@ -102,7 +102,7 @@ def _train(patcher, family: str, spec, steps: int) -> dict:
     watched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "gpu_check", watch)
     side, ctx, pooled = spec[5], spec[3], spec[4]
     with torch.inference_mode():
-        latents = {"samples": torch.randn(1, comfy_runtime.latent_channels(family), side, side,
+        latents = {"samples": torch.randn(comfy_runtime.latent_shape(family, 1, side),
                                           generator=torch.Generator().manual_seed(1))}
         positive = comfy_runtime.fake_conditioning(family, context_dim=ctx, pooled_dim=pooled)
     if torch.cuda.is_available():

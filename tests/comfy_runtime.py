@@ -192,6 +192,13 @@ def latent_channels(family: str) -> int:
     return families.get(family).latent_channels
 
 
+def latent_shape(family: str, batch: int, size: int) -> tuple[int, ...]:
+    """A square image latent's shape: (batch, C, size, size), or (batch, C, 1, size, size) for
+    families with 5-D (B, C, T, H, W) latents (Qwen-Image's Wan 2.1 latents: one frame)."""
+    frames = (1,) if families.get(family).latent_ndim == 5 else ()
+    return (batch, latent_channels(family), *frames, size, size)
+
+
 def sample(model, family: str, steps: int = 4, seed: int = 0, size: int = 32, batch: int = 1,
            cfg: float = 1.0, sampler: str = "euler", scheduler: str = "normal",
            positive=None, negative=None, denoise: float = 1.0) -> torch.Tensor:
@@ -199,7 +206,7 @@ def sample(model, family: str, steps: int = 4, seed: int = 0, size: int = 32, ba
     bootstrap()
     import comfy.sample
 
-    latent = torch.zeros(batch, latent_channels(family), size, size)
+    latent = torch.zeros(latent_shape(family, batch, size))
     noise = comfy.sample.prepare_noise(latent, seed)
     positive = positive if positive is not None else fake_conditioning(family, seed=1)
     negative = negative if negative is not None else fake_conditioning(family, seed=2)

@@ -183,6 +183,21 @@ TINY["zimage"] = TinyFamily(
     cond_extra={})
 
 
+TINY["qwen_image"] = TinyFamily(
+    # Two joint blocks of 2 heads x 32 (= sum of axes_dims_rope), text width 32; the rest as the
+    # real model (patch 2, 64 packed input channels, 16 latent channels).
+    supported_model="QwenImage", fixed_tokens=None,
+    # Qwen-Image: 60 blocks x 8 attention projections, the last block's text query and text output
+    # not (dead: the text stream's output is discarded); ff adds img / txt MLPs (4), not the last
+    # block's txt MLP (2).
+    real_targets={"attention": 60 * 8 - 2, "attention+ff": 60 * 12 - 4},
+    config={
+        "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+        "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 32,
+        "axes_dims_rope": [8, 12, 12],
+    },
+    cond_extra={})
+
 def real_sizes() -> list[tuple[str, str | None]]:
     """``(family, other real config or None = the family file's real_config)`` for every family."""
     out: list[tuple[str, str | None]] = []

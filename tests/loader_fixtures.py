@@ -210,8 +210,7 @@ def raw_output(model):
 def direct_inputs(family: str, batch: int, seed: int = 3) -> tuple[torch.Tensor, dict]:
     """A latent and the keyword conditioning for calling ``BaseModel.apply_model`` directly."""
     gen = torch.Generator().manual_seed(seed)
-    channels = comfy_runtime.latent_channels(family)
-    x = torch.randn(batch, channels, 16, 16, generator=gen)
+    x = torch.randn(comfy_runtime.latent_shape(family, batch, 16), generator=gen)
     ctx, extra = family_configs.raw_inputs(family, batch, gen)
     return x, {"c_crossattn": ctx, **extra}
 

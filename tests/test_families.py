@@ -134,6 +134,54 @@ def test_lumina_2_on_z_images_model_class_is_not_z_image(comfy):
         families.from_inventory(_inventory(model.diffusion_model))
 
 
+
+@pytest.mark.comfy
+def test_qwen_image_is_recognised_and_models_derived_from_it_are_not(comfy):
+    # Newer ComfyUI derives other models from model_base.QwenImage (0.33: MageFlow, its own
+    # transformer and latents): exact class names keep them out.
+    import comfy.model_base as model_base
+
+    assert families.recognise(comfy.build_model("qwen_image", device="meta")).id == "qwen_image"
+    derived, todo = [], list(model_base.QwenImage.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        derived.append(cls)
+        todo.extend(cls.__subclasses__())
+    for cls in derived:
+        with pytest.raises(families.UnknownFamily, match=f"its class is {cls.__name__} .*derived from QwenImage"):
+            families.recognise(cls.__new__(cls))
+
+
+@pytest.mark.comfy
+def test_qwen_images_last_text_layers_get_no_gradient_and_are_not_targets(comfy, pack):
+    """The model discards the text stream after the last block: that block's text query, text
+    output and text MLP get exactly zero gradient in ComfyUI's model, so they are not targets;
+    every target (attention+ff) gets a gradient."""
+    import importlib
+
+    import torch
+
+    import family_configs
+
+    prepare = importlib.import_module(f"{pack.__name__}.training.prepare")
+    dm = comfy.build_model("qwen_image").model.diffusion_model
+    last = len(dm.transformer_blocks) - 1
+    dead = {f"transformer_blocks.{last}.{name}" for name in
+            ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")}
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(comfy.latent_shape("qwen_image", 1, 8), generator=gen)
+    ctx, extra = family_configs.raw_inputs("qwen_image", 1, gen)
+    with torch.inference_mode(False), torch.enable_grad(), prepare.comfy_training_flags():
+        dm.requires_grad_(True)
+        dm(x, torch.tensor([0.6]), ctx, **extra).square().sum().backward()
+    linears = {name: m for name, m in dm.named_modules() if isinstance(m, torch.nn.Linear)}
+    for name in dead:
+        assert linears[name].weight.grad is None or torch.count_nonzero(linears[name].weight.grad) == 0, name
+    targets = {t.module for t in families.get("qwen_image").targets(_inventory(dm), "attention+ff")}
+    block_linears = {n for n in linears if n.startswith("transformer_blocks.") and "_mod." not in n}
+    assert targets == block_linears - dead
+    assert all(torch.count_nonzero(linears[name].weight.grad) > 0 for name in targets)
+
 @pytest.mark.comfy
 def test_the_tiny_models_of_comfyui_are_recognised(comfy, family):
     model = comfy.build_model(family)

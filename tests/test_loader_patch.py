@@ -7,6 +7,12 @@ per layer, so they agree to a few float32 ulps per layer (eps = 1.2e-7); through
 layers and six sampling steps that stays below 2e-5 of the output's magnitude (measured: ~5e-7).
 Each test also checks that getting the mask wrong (full rank, or the base model) would exceed the
 tolerance by a wide margin, so the comparison can fail.
+
+The sampled latent gets its own tolerance, LATENT_TOL: it carries the per-call differences through
+CFG (x3 at cfg 2), every step and the latent format's scale (FLUX's 1 / 0.36, Wan 2.1's channel
+std up to ~3 for Qwen-Image). Measured with heun on the tiny models: 1.8e-5 (FLUX.1), 2.3e-5
+(Qwen-Image) of the latent's magnitude; euler ~2e-7. A full-rank mask moves the latent by ~1.5e-3
+of it (flow families) and ~1.7e-4 (SDXL), still well above 4e-5.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 pytestmark = pytest.mark.comfy
 
 REL_TOL = 2e-5
+LATENT_TOL = 4e-5
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +96,8 @@ def test_sampling_equals_merged_reference_at_every_step(comfy, patch, family, va
     tol = assert_calls_close(got, want)
     assert holder.calls == len(got) and all(out.shape[0] == 2 for _, out in got)
     assert holder.state.timesteps is None   # cleared after every call
-    torch.testing.assert_close(latent, ref_latent, rtol=0, atol=REL_TOL * ref_latent.abs().max().item())
+    latent_tol = LATENT_TOL * ref_latent.abs().max().item()
+    torch.testing.assert_close(latent, ref_latent, rtol=0, atol=latent_tol)
     assert max_call_diff(got, at_full_rank) > 20 * tol   # the mask matters
     assert max_call_diff(got, plain) > 20 * tol          # the adapter matters
 

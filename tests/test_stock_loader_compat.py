@@ -71,7 +71,7 @@ def trained_tlora(core, family: str, inventory: dict):
 
 def model_inputs(family: str) -> tuple:
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, comfy_runtime.latent_channels(family), 8, 8, generator=gen)
+    x = torch.randn(comfy_runtime.latent_shape(family, 2, 8), generator=gen)
     flow = comfy_runtime.families.get(family).timestep == "flow"
     t = torch.tensor([0.9, 0.05]) if flow else torch.tensor([999.0, 10.0])
     ctx, extra = family_configs.raw_inputs(family, 2, gen)

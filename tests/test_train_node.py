@@ -100,6 +100,11 @@ def _bad_cases():
 
     return {
         "latent from another family": ("sdxl", latents_of(16), "16 channels"),
+        # Qwen-Image's VAE gives 5-D latents; a 4-D one (an SD3-style latent) is refused.
+        "4-D latent for a 5-D family": ("qwen_image", lambda f, lat, pos: (
+            {"samples": lat["samples"][:, :, 0]}, pos, None, {}), "expects \\(images, channels, frames"),
+        "mask of the wrong size on a 5-D latent": ("qwen_image", lambda f, lat, pos: (
+            lat, pos, torch.ones(1, 50, 64), {}), "the mask is 64x50"),
         "latent with NaN": ("sdxl", lambda f, lat, pos: (
             {"samples": torch.full((1, 4, 8, 8), float("nan"))}, pos, None, {}), "NaN"),
         "empty conditioning": ("flux", lambda f, lat, pos: (lat, [], None, {}), "CONDITIONING is empty"),
@@ -152,10 +157,11 @@ def test_progress_bar_reports_every_step_with_a_loss_curve_preview(loras_dir, mo
     assert len(previews) == 1 and previews[0][0] == "JPEG" and previews[0][1].size == (512, 320)
 
 
-def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir):
-    model, latents, positive = th.node_inputs("sdxl", images=2)
+@pytest.mark.parametrize("family", ["sdxl", "qwen_image"])   # 4-D and 5-D latents
+def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir, family):
+    model, latents, positive = th.node_inputs(family, images=2)
     with torch.inference_mode():
-        second = th.node_inputs("sdxl")[2]
+        second = th.node_inputs(family)[2]
         positive = positive + second   # one prompt per image, in image order
         mask = torch.zeros(2, 64, 64)
         mask[:, 16:48, 16:48] = 1

@@ -18,8 +18,7 @@ def node_inputs(family: str, images: int = 1, seed: int = 5, size: int = SIZE):
     with torch.inference_mode():
         model = comfy_runtime.build_model(family)
         gen = torch.Generator().manual_seed(seed)
-        latents = {"samples": torch.randn(images, comfy_runtime.latent_channels(family), size, size,
-                                          generator=gen)}
+        latents = {"samples": torch.randn(comfy_runtime.latent_shape(family, images, size), generator=gen)}
         positive = comfy_runtime.fake_conditioning(family)
     return model, latents, positive
 

@@ -7,7 +7,8 @@ the same ComfyUI types:
 
 - MODEL: ComfyUI's own SDXL / FLUX classes at tiny widths (``comfy_runtime.build_model``);
 - VAE: a real ``comfy.sd.VAE`` around a tiny AutoencoderKL (8x down-scaling like the real ones,
-  4 latent channels for SDXL, 16 for FLUX) with seeded weights;
+  4 latent channels for SDXL, 16 for FLUX) with seeded weights; for Qwen-Image a tiny Wan 2.1 VAE
+  (5-D latents);
 - CLIP + CLIPTextEncode: conditioning of the tiny models' widths, seeded by the prompt text, in
   ComfyUI's conditioning format (so FluxGuidance, samplers and the trainer treat it as real).
 
@@ -42,10 +43,13 @@ def _text_seed(text: str) -> int:
 
 
 def build_tiny_vae(family: str, seed: int = 0):
-    """A real comfy.sd.VAE with a tiny AutoencoderKL of the family's latent channel count."""
+    """A real comfy.sd.VAE with a tiny AutoencoderKL of the family's latent channel count, or for
+    families with 5-D latents (Qwen-Image) a tiny Wan 2.1 VAE (:func:`build_tiny_wan_vae`)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
+    if comfy_runtime.families.get(family).latent_ndim == 5:
+        return build_tiny_wan_vae(seed)
     channels = comfy_runtime.latent_channels(family)
     ddconfig = {"double_z": True, "z_channels": channels, "resolution": 256, "in_channels": 3,
                 "out_ch": 3, "ch": _VAE_CHANNELS, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
@@ -57,6 +61,24 @@ def build_tiny_vae(family: str, seed: int = 0):
     # fp32: ComfyUI would pick bf16 on some CPUs, which is many times slower there.
     vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
     vae.latent_channels = channels
+    return vae
+
+
+def build_tiny_wan_vae(seed: int = 0):
+    """A real comfy.sd.VAE around ComfyUI's Wan 2.1 VAE class at base width 8 (the real one: 96),
+    seeded: ComfyUI recognises it from its keys as it does the real file and reads the width from
+    them, so it encodes images to (B, 16, 1, H/8, W/8) latents and decodes them like the real one."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    # The configuration ComfyUI builds for a Wan 2.1 VAE file (comfy/sd.py), at width 8.
+    config = {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+              "temperal_downsample": [False, True, True], "dropout": 0.0}
+    gen = torch.Generator().manual_seed(seed)
+    template = WanVAE(**config).state_dict()
+    state = {key: 0.05 * torch.randn(value.shape, generator=gen) for key, value in template.items()}
+    vae = comfy.sd.VAE(sd=state, dtype=torch.float32)
+    assert vae.latent_dim == 3 and vae.latent_channels == 16, "ComfyUI did not take it for a Wan 2.1 VAE"
     return vae
 
 
