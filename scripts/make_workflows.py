@@ -42,6 +42,10 @@ SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 FLUX_UNET, FLUX_CLIP_L, FLUX_T5, FLUX_VAE = ("flux1-dev.safetensors", "clip_l.safetensors",
                                              "t5xxl_fp16.safetensors", "ae.safetensors")
 SDXL_LORA, FLUX_LORA = "tlora/sks_dog_sdxl", "tlora/sks_dog_flux"
+# Qwen-Image as ComfyUI's own Qwen-Image template loads it (Comfy-Org's split files).
+QWEN_UNET, QWEN_CLIP, QWEN_VAE = ("qwen_image_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                                  "qwen_image_vae.safetensors")
+QWEN_LORA = "tlora/sks_dog_qwen_image"
 NO_PREVIEW_FILE = "(none: use rank below)"
 
 # Paper Appendix A (live_set), with V* = the token.
@@ -57,6 +61,9 @@ PROMPTS = {
     "flux_generate": ["a {} wearing a green bow tie", "a {} with a tree and autumn leaves in the background",
                       "a {} sleeping", "a {} wearing a space helmet, among stars in a cosmic landscape "
                       "during a starry night"],
+    "qwen_image_train": ["a {} with the Sydney Opera House in the background", "a {} riding a surfboard",
+                         "a {} in a superhero suit", "a {} in a wizards robe in a magical forest at "
+                         "midnight, accented with purples and sparkling silver tones"],
     "compare": ["a {} with a sunset and palm trees in the background", "a {} lying in the bed",
                 "a {} in a wizards robe in a magical forest at midnight, accented with purples and "
                 "sparkling silver tones"],
@@ -76,6 +83,14 @@ FLUX_TRAIN = {"variant": "Vanilla T-LoRA", "rank": 32, "min_rank": 16, "schedule
               "target_layers": "attention", "training_dtype": "bf16", "gradient_checkpointing": True,
               "save_every": 200}
 FLUX_SAMPLE = {"steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+# Qwen-Image: T-LoRA (the pack's Qwen-Image recipe: rank 16, min_rank 8, lr 1e-4 AdamW; not the
+# paper's, which has none for it), 1000 steps; inference as ComfyUI's Qwen-Image template: shift
+# 3.1 (ModelSamplingAuraFlow), 20 steps, real CFG 2.5 with an empty negative prompt, 1328 x 1328.
+QWEN_TRAIN = {"variant": "T-LoRA", "rank": 16, "min_rank": 8, "schedule_power": 1.0, "steps": 1000,
+              "learning_rate": 1e-4, "batch_size": 1, "seed": 0, "target_layers": "attention",
+              "training_dtype": "bf16", "gradient_checkpointing": True, "save_every": 200}
+QWEN_SAMPLE = {"steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+QWEN_SHIFT, QWEN_SIZE = 3.1, 1328
 
 NOTE_TRAIN = """## T-LoRA: train on one image, then generate
 
@@ -85,6 +100,15 @@ NOTE_TRAIN = """## T-LoRA: train on one image, then generate
 4. The samplers on the right use that model with prompts from the paper's evaluation set.
 
 To reuse the file later, open the matching *generate* workflow. Lower `steps` for a quick try."""
+
+NOTE_TRAIN_QWEN_IMAGE = """## T-LoRA on Qwen-Image: train on one image, then generate
+
+1. **Load Image**: upload one photo of your subject (`{image}` is a placeholder). It is centre-cropped to 1024 x 1024 and encoded by the Qwen-Image VAE.
+2. **Training prompt**: `{train_prompt}`: a rare token plus the class. Use the same token in the prompts on the right.
+3. **T-LoRA Train** uses the pack's Qwen-Image recipe (not from the paper, which has none for Qwen-Image): {summary}. It saves `{lora}.safetensors` in your `loras` folder (and every 200 steps) and outputs the model with it applied.
+4. The samplers on the right use that model as ComfyUI's Qwen-Image template does (shift {shift}, CFG {cfg}, empty negative prompt) with prompts from the paper's evaluation set.
+
+To reuse the file later, put **T-LoRA Loader** after *ModelSamplingAuraFlow*. Lower `steps` for a quick try."""
 
 NOTE_GENERATE = """## Generate with a saved T-LoRA
 
@@ -317,6 +341,58 @@ def flux_generate(info: dict) -> dict:
     return _generate(info, flux=True)
 
 
+def _qwen_image_loaders(g: Graph) -> tuple[tuple, tuple, tuple]:
+    """Load Diffusion Model, Load CLIP (type qwen_image), Load VAE, and the shift every sampler of
+    the graph (and the trainer, whose noise levels it does not change) reads."""
+    unet = g.node("UNETLoader", (COL_A, 340), {"unet_name": QWEN_UNET, "weight_dtype": "default"}, width=340)
+    clip = g.node("CLIPLoader", (COL_A, 480), {"clip_name": QWEN_CLIP, "type": "qwen_image"}, width=340)
+    vae = g.node("VAELoader", (COL_A, 640), {"vae_name": QWEN_VAE}, width=340)
+    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": QWEN_SHIFT}, width=340)
+    g.link(unet, "MODEL", shift, "model")
+    return (shift, "MODEL"), (clip, "CLIP"), (vae, "VAE")
+
+
+def _qwen_image_sample_column(g: Graph, model, clip, vae, prompts: list[str], x: float, y: float) -> None:
+    """Real CFG against an empty negative prompt (no zeroed negative, no guidance node), one row
+    per prompt, all images batched into one SaveImage."""
+    negative = g.node("CLIPTextEncode", (x, y), {"text": ""}, title="Negative prompt (empty)", width=300)
+    g.link(clip[0], clip[1], negative, "clip")
+    latent = g.node("EmptySD3LatentImage", (x, y + 200), {"width": QWEN_SIZE, "height": QWEN_SIZE,
+                                                          "batch_size": 1}, width=300)
+    decoded = []
+    for row, text in enumerate(prompts):
+        top = y + 460 + row * ROW
+        positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux=False)
+        decoded.append(_sampler(g, model, positive, negative, latent, vae, QWEN_SAMPLE, 0, (x + 340, top),
+                                (x + 650, top), f"Sample {row + 1}"))
+    batch = decoded[0]
+    for index, decode in enumerate(decoded[1:], start=1):
+        joined = g.node("ImageBatch", (x + 880, y + 460 + index * ROW - 60), width=250)
+        g.link(batch, "IMAGE", joined, "image1")
+        g.link(decode, "IMAGE", joined, "image2")
+        batch = joined
+    save = g.node("SaveImage", (x + 1160, y + 460), {"filename_prefix": "tlora/qwen_image_trained"}, width=520)
+    save.height = 560
+    g.link(batch, "IMAGE", save, "images")
+
+
+def qwen_image_train_and_generate(info: dict) -> dict:
+    g = Graph(info)
+    g.note(NOTE_TRAIN_QWEN_IMAGE.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(QWEN_TRAIN),
+                                        lora=QWEN_LORA, shift=QWEN_SHIFT, cfg=QWEN_SAMPLE["cfg"]),
+           (COL_A, 0), width=720, height=300)
+    model, clip, vae = _qwen_image_loaders(g)
+    prompt = g.node("CLIPTextEncode", (COL_B, 340), {"text": TRAIN_PROMPT}, title="Training prompt", width=340)
+    g.link(clip[0], clip[1], prompt, "clip")
+    latent = _concept_latent(g, vae, (COL_A, 880), (COL_B, 540))
+    train = _trainer(g, model, latent, prompt, QWEN_TRAIN, QWEN_LORA, (COL_C, 0), "T-LoRA Train")
+    _train_outputs(g, train, COL_D, 0)
+    _schedule_preview(g, model, QWEN_SAMPLE, (COL_C, 500), (COL_D, 500), None, QWEN_TRAIN["rank"],
+                      QWEN_TRAIN["min_rank"])
+    _qwen_image_sample_column(g, (train, "model"), clip, vae, _prompts("qwen_image_train"), COL_E, 0)
+    return g.build()
+
+
 def sdxl_lora_vs_tlora(info: dict) -> dict:
     g = Graph(info)
     g.note(NOTE_COMPARE, (COL_A, 0), width=720, height=300)
@@ -366,6 +442,7 @@ WORKFLOWS = {
     "tlora_flux_train_and_generate": flux_train_and_generate,
     "tlora_flux_generate": flux_generate,
     "tlora_sdxl_lora_vs_tlora": sdxl_lora_vs_tlora,
+    "tlora_qwen_image_train_and_generate": qwen_image_train_and_generate,
 }
 
 

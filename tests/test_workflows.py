@@ -76,6 +76,8 @@ SWAPS = {"CheckpointLoaderSimple": "TLoRATestTinyCheckpointLoader", "UNETLoader"
 # rank 4 / min_rank 2 because the tiny models' attention layers are 32-64 wide (rank 64 cannot
 # exist there); 128 px images give the tiny models 16 x 16 latents.
 TRAIN_STEPS, SAVE_EVERY, TINY_RANK, TINY_MIN_RANK, SAMPLE_STEPS, TINY_SIZE = 3, 2, 4, 2, 2, 128
+# Workflows whose text encoder loader names the family (CLIPLoader's type): the tiny family to run.
+CLIP_TYPE_FAMILIES = {"qwen_image": "qwen_image"}
 
 
 @pytest.fixture(scope="module")
@@ -282,6 +284,18 @@ def test_standard_model_files_and_flux_wiring(object_info):
             assert guidance[-1] == 3.5 and set(guidance) <= {1.0, 3.5}
             assert {v["cfg"] for v in _values(workflow, "KSampler", object_info)} == {1.0}
             assert not _nodes_of(workflow, "CheckpointLoaderSimple")
+        elif "qwen_image" in path.stem:
+            # As ComfyUI's Qwen-Image template: Comfy-Org's split files, the Qwen 2.5 VL encoder as
+            # CLIPLoader type qwen_image, shift 3.1, real CFG against an empty negative, no guidance.
+            assert [v["unet_name"] for v in _values(workflow, "UNETLoader", object_info)] == [
+                "qwen_image_fp8_e4m3fn.safetensors"]
+            assert _values(workflow, "CLIPLoader", object_info) == [
+                {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"}]
+            assert [v["vae_name"] for v in _values(workflow, "VAELoader", object_info)] == ["qwen_image_vae.safetensors"]
+            assert _values(workflow, "ModelSamplingAuraFlow", object_info) == [{"shift": 3.1}]
+            assert {v["cfg"] for v in _values(workflow, "KSampler", object_info)} == {2.5}
+            assert not _nodes_of(workflow, "FluxGuidance") and not _nodes_of(workflow, "ConditioningZeroOut")
+            assert not _nodes_of(workflow, "CheckpointLoaderSimple")
         else:
             assert [v["ckpt_name"] for v in _values(workflow, "CheckpointLoaderSimple", object_info)] == [
                 "sd_xl_base_1.0.safetensors"]
@@ -298,6 +312,8 @@ def test_paper_settings_in_the_trainers(object_info):
                 assert values["steps"] == 500 and values["rank"] == 64
             elif "flux" in name:  # the reference FLUX recipe: rank 32, vanilla T-LoRA
                 assert (values["variant"], values["rank"], values["min_rank"]) == ("Vanilla T-LoRA", 32, 16)
+            elif "qwen_image" in name:  # the pack's Qwen-Image recipe (the paper has none)
+                assert (values["variant"], values["rank"], values["min_rank"]) == ("T-LoRA", 16, 8)
             else:  # T-LoRA: rank 64, r_min = 50 %, 800 steps
                 assert (values["variant"], values["rank"], values["min_rank"], values["steps"]) == (
                     "T-LoRA", 64, 32, 800)
@@ -326,6 +342,8 @@ def tiny_prompt(workflow: dict, object_info: dict) -> tuple[dict, str]:
     """The workflow in API format with tiny stand-ins and a few steps (see the constants above)."""
     prompt = to_api(workflow, object_info)
     family = "flux" if any(n["class_type"] == "UNETLoader" for n in prompt.values()) else "sdxl"
+    family = next((CLIP_TYPE_FAMILIES[n["inputs"]["type"]] for n in prompt.values()
+                   if n["class_type"] == "CLIPLoader" and n["inputs"].get("type") in CLIP_TYPE_FAMILIES), family)
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind in SWAPS:
@@ -459,6 +477,24 @@ def test_comparison_differs_only_in_method(runs):
     grid = next(iter(_saved_images(run).values()))[0]
     left, right = grid[:, :TINY_SIZE], grid[:, TINY_SIZE + 16:]
     assert (left - right).abs().mean() > 1e-4, "LoRA and T-LoRA columns are identical"
+
+
+@pytest.mark.comfy
+@pytest.mark.server
+def test_qwen_image_workflow_trains_on_its_vaes_5d_latents(runs, runtime_dirs):
+    """The Qwen-Image graph ran on the tiny Qwen-Image model: its VAE's (B, 16, 1, h, w) latents
+    went into the trainer and the saved file is labelled Qwen-Image."""
+    from safetensors import safe_open
+
+    run = runs["tlora_qwen_image_train_and_generate"]
+    assert run["executor"].success, _error_report(run)
+    assert run["family"] == "qwen_image"
+    encode = next(i for i, n in run["prompt"].items() if n["class_type"] == "VAEEncode")
+    latent = comfy_compat.cached_output(run["executor"], encode).outputs[0][0]["samples"]
+    assert tuple(latent.shape) == (1, 16, 1, TINY_SIZE // 8, TINY_SIZE // 8)
+    train = next(n for n in run["prompt"].values() if n["class_type"] == "TLoRATrain")
+    with safe_open(str(runtime_dirs["loras"] / f"{train['inputs']['file_name']}.safetensors"), "pt") as f:
+        assert f.metadata()["tlora.architecture"] == "qwen_image"
 
 
 @pytest.mark.comfy
