@@ -17,10 +17,10 @@ import importlib
 import pkgutil
 
 from ..inventory import Inventory
-from ._spec import SCOPES, TIMESTEP_RULES, Family, Layers, Recipe, TrainTarget
+from ._spec import SCOPES, TIMESTEP_RULES, Family, Layers, Recipe, ReferenceFiles, TrainTarget
 
-__all__ = ["SCOPES", "TIMESTEP_RULES", "Family", "Layers", "Recipe", "TrainTarget", "UnknownFamily",
-           "all_families", "from_inventory", "get", "ids", "known_labels", "recognise"]
+__all__ = ["SCOPES", "TIMESTEP_RULES", "Family", "Layers", "Recipe", "ReferenceFiles", "TrainTarget",
+           "UnknownFamily", "all_families", "from_inventory", "get", "ids", "known_labels", "recognise"]
 
 
 class UnknownFamily(ValueError):

@@ -89,6 +89,27 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class ReferenceFiles:
+    """How the T-LoRA reference code spells this family's files (read by
+    :mod:`tlora_core.files.foreign_tlora`, which knows no family).
+
+    A key the reference code writes matches ``key``: group ``layer`` (the attention), ``proj``
+    (its projection) and ``param``; a layer's params are one of the sets in ``kinds`` (``"ortho"``:
+    the reference Ortho layer ``p / q / lambda`` with its frozen ``base_*``; ``"vanilla"``: ``down``
+    / ``up``). ``layer_name(layer, proj)`` is the layer's diffusers name, which the family's
+    ``foreign_names`` resolve; ``skip(layer, proj)`` gives a reason to ignore a layer, or None.
+    """
+
+    format: str                                   # the file format's name (source_format)
+    key: re.Pattern[str]
+    layer_name: Callable[[str, str], str]
+    kinds: Mapping[str, frozenset[str]]
+    recipe: str                                   # the reference script's schedule, for messages
+    skip: Callable[[str, str], str | None] | None = None
+    vanilla_note: str = ""                        # said when a file reads as vanilla T-LoRA
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything the pack knows about one model family; see the module docstring."""
 
@@ -113,6 +134,7 @@ class Family:
     # Other released models of the family (FLUX.2 Klein beside dev): name -> unet config, checked
     # like real_config; the README's table shows real_config's.
     other_real_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    reference_files: ReferenceFiles | None = None  # the T-LoRA reference code's files, if it has any
 
     def __post_init__(self) -> None:
         if self.timestep not in TIMESTEP_RULES:

@@ -6,12 +6,39 @@ recognition by exact class name keeps them out of this one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..inventory import Inventory
 from . import bfl_names
-from ._spec import Family, Recipe
+from ._spec import Family, Recipe, ReferenceFiles
+
+# The reference code's FLUX processor projections -> diffusers names (its context projections
+# to_{q,k,v}_proj are diffusers' add_{q,k,v}_proj).
+_REFERENCE_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
+                   "to_q_proj": "add_q_proj", "to_k_proj": "add_k_proj", "to_v_proj": "add_v_proj"}
+
+
+def _never_applied(layer: str, proj: str) -> str | None:
+    if layer.startswith("single_") and proj not in ("to_q", "to_k", "to_v"):
+        return ("single-block adapters the reference code creates but never applies "
+                "(its single blocks have no output or context projection)")
+    return None
+
+
+# The reference code's FLUX file (lora.pt, or the same keys in safetensors): vanilla T-LoRA per
+# attention processor, q / k / v landing on rows of the fused qkv / linear1.
+REFERENCE_FILES = ReferenceFiles(
+    format="reference-flux",
+    key=re.compile(
+        r"^(?:transformer\.)?(?P<layer>(?:single_)?transformer_blocks\.\d+\.attn)\.processor\."
+        r"(?P<proj>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\."
+        r"(?P<param>down\.weight|up\.weight)$"),
+    layer_name=lambda layer, proj: f"{layer}.{_REFERENCE_PROJ[proj]}",
+    kinds={"vanilla": frozenset({"down.weight", "up.weight"})},
+    recipe="min_rank 1 of rank 32",
+    skip=_never_applied)
 
 
 def _is_flux1(inventory: Inventory) -> bool:
@@ -54,4 +81,5 @@ FAMILY = Family(
         "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
     },
     position=20,
+    reference_files=REFERENCE_FILES,
 )

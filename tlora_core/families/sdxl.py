@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from ..inventory import Inventory
 from . import unet_names
-from ._spec import Family, Recipe
+from ._spec import Family, Recipe, ReferenceFiles
+
+# The reference code's SDXL file (diffusers save_attn_procs): per attention processor and
+# projection, Ortho (q_layer / p_layer / lambda_layer and the saved frozen base_*) or vanilla.
+REFERENCE_FILES = ReferenceFiles(
+    format="reference-sdxl",
+    key=re.compile(
+        r"^(?:unet\.)?(?P<layer>(?:(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
+        r"\.transformer_blocks\.\d+\.attn[12])\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\."
+        r"(?P<param>q_layer\.weight|p_layer\.weight|lambda_layer|base_q\.weight|base_p\.weight|"
+        r"base_lambda|down\.weight|up\.weight)$"),
+    layer_name=lambda layer, proj: f"{layer}.{'to_out.0' if proj == 'to_out' else proj}",
+    kinds={"ortho": frozenset({"q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight",
+                               "base_p.weight", "base_lambda"}),
+           "vanilla": frozenset({"down.weight", "up.weight"})},
+    recipe="min_rank 32 of rank 64",
+    vanilla_note="Old diffusers attention-processor LoRAs use the same keys; if this file is a "
+                 "plain LoRA, load it as one (no rank schedule).")
 
 
 def _is_sdxl_unet(inventory: Inventory) -> bool:
@@ -50,4 +68,5 @@ FAMILY = Family(
         "use_temporal_attention": False, "use_temporal_resblock": False,
     },
     position=10,
+    reference_files=REFERENCE_FILES,
 )

@@ -116,14 +116,14 @@ def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
 
 
 def detect_format(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
-    """"tlora" | "reference-sdxl" | "reference-flux" | "lycoris" | "lora" | "unknown"."""
+    """"tlora" | a reference-code format (``"reference-sdxl"``, ``"reference-flux"``: the formats
+    the families' ``reference_files`` declare) | "lycoris" | "lora" | "unknown"."""
     if metadata and "tlora.format_version" in metadata:
         return "tlora"
     keys = list(keys)
-    if any(foreign_tlora.REF_SDXL_KEY.match(k) for k in keys):
-        return "reference-sdxl"
-    if any(foreign_tlora.REF_FLUX_KEY.match(k) for k in keys):
-        return "reference-flux"
+    reference = foreign_tlora.detect_reference(keys)
+    if reference is not None:
+        return reference
     if any(k.startswith("lycoris_") and k.endswith(".lambda_layer") for k in keys):
         return "lycoris"
     if any((s := split_lora_key(k)) is not None and s[1] in ("down", "up") for k in keys):
@@ -151,9 +151,7 @@ def read_foreign(fmt: str, sd: dict[str, torch.Tensor], inventory: Inventory, *,
                                    **common)
         if fmt == "lycoris":
             return foreign_tlora.read_lycoris(sd, inventory, base_weights=base_weights, **common)
-        reader = {"reference-sdxl": foreign_tlora.read_reference_sdxl,
-                  "reference-flux": foreign_tlora.read_reference_flux}[fmt]
-        return reader(sd, inventory, **common)
+        return foreign_tlora.read_reference(sd, inventory, fmt, **common)
     except TLoRAFileError:
         raise
     except ValueError as err:

@@ -1,17 +1,17 @@
 """Readers for the T-LoRA files other tools write: the reference code's, and LyCORIS's.
 
-- T-LoRA reference code, SDXL (``pytorch_lora_weights.safetensors``), keys
-  ``<diffusers attention processor>.{to_q,to_k,to_v,to_out}_lora.<param>``. Ortho (paper Eq. 8)::
+- T-LoRA reference code: how it spells a family's files is declared by the family
+  (``Family.reference_files``, :class:`~tlora_core.families.ReferenceFiles`; SDXL's
+  ``pytorch_lora_weights.safetensors``, FLUX's ``lora.pt``). Keys
+  ``<attention processor>.<proj>_lora.<param>``, a layer's params one of two kinds. Ortho (paper Eq. 8)::
 
       y = W x + p(q(x) * lambda * m) - base_p(base_q(x) * base_lambda * m)
 
   -> ``parts = 2``, ``down = [q; base_q]``, ``up = [p * lambda | -base_p * base_lambda]``.
   Vanilla (Eq. 5): ``y = W x + up(down(x) * m)``. No scale anywhere (the processors get scale 1).
-- T-LoRA reference code, FLUX (``lora.pt``, or the same keys in safetensors): vanilla only, keys
-  ``{transformer_blocks,single_transformer_blocks}.N.attn.processor.<proj>_lora.{down,up}.weight``;
-  q / k / v (and the context projections ``to_{q,k,v}_proj`` = ``add_{q,k,v}_proj``) land on rows
-  of FLUX's fused ``qkv`` / ``linear1``. The single blocks' ``to_out`` / ``to_*_proj`` adapters
-  exist in the file but the reference forward never calls them: skipped and reported.
+  Each layer is read onto its diffusers name, which the model's family resolves (on fused
+  layers: rows of FLUX's ``qkv`` / ``linear1``); layers the family's spelling skips (FLUX's
+  single-block adapters the reference forward never calls) are reported.
 - LyCORIS ``tlora``: ``lycoris_<diffusers name with _>.{q_layer.weight,p_layer.weight,lambda_layer,
   alpha}``, ``y = W x + alpha/r * (P diag(lambda m) Q - P0 diag(lambda0 m) Q0) x``. P0, Q0, lambda0
   are not stored; LyCORIS recomputes them on load as the top-r SVD of the current base weight
@@ -25,34 +25,20 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from ..families import Family
+from .. import families
+from ..families import Family, ReferenceFiles
 from ..inventory import Inventory, Target
 from ..weights import TLoRAWeights
 from .check import TLoRAFileError
 from .collect import AdapterCollector, as_f32, pair_factors
 from .names import strip_prefix
 
-REFERENCE_HINT = (" The reference code's recipes use min_rank 32 of rank 64 (SDXL) and 1 of 32 "
-                  "(FLUX); its hparams.yml records the value a file was trained with.")
-REF_SDXL_KEY = re.compile(
-    r"^(?:unet\.)?(?P<proc>(?:(?:down|up)_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.\d+)"
-    r"\.transformer_blocks\.\d+\.attn[12])\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\."
-    r"(?P<param>q_layer\.weight|p_layer\.weight|lambda_layer|base_q\.weight|base_p\.weight|"
-    r"base_lambda|down\.weight|up\.weight)$")
-REF_FLUX_KEY = re.compile(
-    r"^(?:transformer\.)?(?P<block>(?:single_)?transformer_blocks\.\d+)\.attn\.processor\."
-    r"(?P<proj>to_q|to_k|to_v|to_out|to_q_proj|to_k_proj|to_v_proj)_lora\.(?P<param>down|up)\.weight$")
 LYCORIS_TLORA_KEY = re.compile(r"^lycoris_(?P<name>.+?)\.(?P<param>q_layer\.weight|p_layer\.weight|"
                                r"lambda_layer|alpha)$")
-ORTHO_PARAMS = frozenset({"q_layer.weight", "p_layer.weight", "lambda_layer", "base_q.weight",
-                          "base_p.weight", "base_lambda"})
-VANILLA_PARAMS = frozenset({"down.weight", "up.weight"})
-FLUX_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
-             "to_q_proj": "add_q_proj", "to_k_proj": "add_k_proj", "to_v_proj": "add_v_proj"}
 LYCORIS_WARNING = (
     "LyCORIS T-LoRA files do not store the frozen base factors (P0, lambda0, Q0) that the adapter "
     "subtracts; they were recomputed here, as LyCORIS itself does on load, as the top-{rank} SVD "
@@ -61,6 +47,22 @@ LYCORIS_WARNING = (
     "to those the training started from (e.g. fp32 then and now): a base held in another "
     "precision (bf16/fp16/fp8) moves the recomputed factors (about 2% error), and a file trained "
     "with another init ('last', 'middle', or a random matrix) gives a wrong result.")
+
+
+def reference_spellings() -> dict[str, tuple[Family, ReferenceFiles]]:
+    """The reference code's file formats (``"reference-sdxl"``, ...) -> (family, spelling), in
+    registry order: the families that declare one."""
+    return {f.reference_files.format: (f, f.reference_files)
+            for f in families.all_families() if f.reference_files is not None}
+
+
+def detect_reference(keys: Iterable[str]) -> str | None:
+    """The reference format whose spelling some of ``keys`` match, or None."""
+    keys = list(keys)
+    for fmt, (_, spelling) in reference_spellings().items():
+        if any(spelling.key.match(k) for k in keys):
+            return fmt
+    return None
 
 
 def _reference_ortho_pair(params: Mapping[str, torch.Tensor], where: str, source: str
@@ -79,82 +81,77 @@ def _reference_ortho_pair(params: Mapping[str, torch.Tensor], where: str, source
     return torch.cat([q, q0]), torch.cat([p * lam.reshape(1, r), -(p0 * lam0.reshape(1, r))], dim=1)
 
 
-def _reference_groups(b: AdapterCollector, sd: Mapping[str, torch.Tensor], pattern: re.Pattern,
-                      what: str, by: tuple[str, str], skip: Callable[[re.Match], str | None] | None = None
-                      ) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """The file's tensors grouped by layer (the ``by`` groups of ``pattern``) and parameter;
-    keys that do not match, or that ``skip`` names a reason for, are recorded as skipped."""
+def _reference_groups(b: AdapterCollector, sd: Mapping[str, torch.Tensor], spelling: ReferenceFiles,
+                      label: str) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """The file's tensors grouped by (layer, proj) and parameter; keys that do not match the
+    spelling, or that it skips, are recorded as skipped."""
     groups: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in sd.items():
-        m = pattern.match(key)
-        reason = f"not a T-LoRA reference-code {what} key" if m is None else skip(m) if skip else None
+        m = spelling.key.match(key)
+        if m is None:
+            reason = f"not a T-LoRA reference-code {label} key"
+        else:
+            reason = spelling.skip(m["layer"], m["proj"]) if spelling.skip else None
         if reason:
             b.skip(reason, key)
         else:
-            groups[(m[by[0]], m[by[1]])][m["param"]] = tensor
+            groups[(m["layer"], m["proj"])][m["param"]] = tensor
     return groups
 
 
-def read_reference_sdxl(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
-                        min_rank: float | None = None, power: float | None = None,
-                        source: str = "file", family: Family | None = None) -> TLoRAWeights:
-    """Read the T-LoRA reference code's SDXL file (Ortho or vanilla; see the module docstring)."""
-    b = AdapterCollector(inventory, source, REFERENCE_HINT, family)
-    groups = _reference_groups(b, sd, REF_SDXL_KEY, "SDXL", ("proc", "proj"))
+def _kind_of(params: Mapping[str, torch.Tensor], spelling: ReferenceFiles, where: str,
+             source: str) -> str:
+    for kind, names in spelling.kinds.items():
+        if set(params) == names:
+            return kind
+    known = " or ".join(f"{sorted(names)} ({'Ortho' if kind == 'ortho' else kind})"
+                        for kind, names in spelling.kinds.items())
+    raise TLoRAFileError(f"{source}: layer '{where}' has {sorted(params)}; a reference T-LoRA "
+                         f"layer has {known}.")
+
+
+def read_reference(sd: Mapping[str, torch.Tensor], inventory: Inventory, fmt: str, *,
+                   min_rank: float | None = None, power: float | None = None,
+                   source: str = "file", family: Family | None = None) -> TLoRAWeights:
+    """Read a file of the reference code's format ``fmt`` (see :func:`reference_spellings`) onto
+    the model; ``family`` is the model's (default: the one its inventory shows)."""
+    file_family, spelling = reference_spellings()[fmt]
+    hint = (f" The reference code's {file_family.label} recipe uses {spelling.recipe}; its "
+            "hparams.yml records the value a file was trained with.")
+    b = AdapterCollector(inventory, source, hint, family)
     kinds = set()
-    for (proc, proj), params in groups.items():
-        where = f"{proc}.processor.{proj}_lora"
-        kind = "ortho" if set(params) == ORTHO_PARAMS else "vanilla" if set(params) == VANILLA_PARAMS \
-            else None
-        if kind is None:
-            raise TLoRAFileError(
-                f"{source}: layer '{where}' has {sorted(params)}; a reference T-LoRA layer has "
-                f"{sorted(ORTHO_PARAMS)} (Ortho) or {sorted(VANILLA_PARAMS)} (vanilla).")
+    for (layer, proj), params in _reference_groups(b, sd, spelling, file_family.label).items():
+        where = f"{layer}.processor.{proj}_lora"
+        kind = _kind_of(params, spelling, where, source)
         kinds.add(kind)
-        name = f"{proc}.{'to_out.0' if proj == 'to_out' else proj}"
+        name = spelling.layer_name(layer, proj)
         target = b.resolve(name, where)
         if target is None:
             continue
-        down, up = (_reference_ortho_pair(params, where, source) if kind == "ortho" else
-                    pair_factors(params["down.weight"], params["up.weight"], where, source))
+        if kind == "ortho":
+            down, up = _reference_ortho_pair(params, where, source)
+        else:
+            down, up = pair_factors(params["down.weight"], params["up.weight"], where, source)
         parts = 2 if kind == "ortho" else 1
         b.add(target, name, down, up, parts=parts, schedule=b.schedule(down.shape[0] // parts,
                                                                      min_rank, power))
     if len(kinds) > 1:
         raise TLoRAFileError(f"{source}: mixes Ortho (q_layer/p_layer/lambda_layer) and vanilla "
                              "(down/up) layers; a reference T-LoRA file holds one kind.")
-    if kinds == {"vanilla"}:
-        b.warnings.append(
-            f"{source}: read as a vanilla T-LoRA of the reference code (rank-masked). Old "
-            "diffusers attention-processor LoRAs use the same keys; if this file is a plain "
-            "LoRA, load it as one (no rank schedule).")
-    return b.finish(sd, "tlora" if kinds == {"ortho"} else "vanilla", "reference-sdxl")
+    if kinds == {"vanilla"} and spelling.vanilla_note:
+        b.warnings.append(f"{source}: read as a vanilla T-LoRA of the reference code (rank-masked). "
+                          + spelling.vanilla_note)
+    return b.finish(sd, "tlora" if kinds == {"ortho"} else "vanilla", fmt)
 
 
-def read_reference_flux(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
-                        min_rank: float | None = None, power: float | None = None,
-                        source: str = "file", family: Family | None = None) -> TLoRAWeights:
-    """Read the T-LoRA reference code's FLUX ``lora.pt`` keys (vanilla T-LoRA on fused rows)."""
-    b = AdapterCollector(inventory, source, REFERENCE_HINT, family)
+def read_reference_sdxl(sd: Mapping[str, torch.Tensor], inventory: Inventory, **kwargs) -> TLoRAWeights:
+    """:func:`read_reference` of the reference code's SDXL file (``pytorch_lora_weights.safetensors``)."""
+    return read_reference(sd, inventory, "reference-sdxl", **kwargs)
 
-    def never_applied(m: re.Match) -> str | None:
-        if m["block"].startswith("single_") and m["proj"] not in ("to_q", "to_k", "to_v"):
-            return ("single-block adapters the reference code creates but never applies "
-                    "(its single blocks have no output or context projection)")
-        return None
 
-    groups = _reference_groups(b, sd, REF_FLUX_KEY, "FLUX", ("block", "proj"), never_applied)
-    for (block, proj), params in groups.items():
-        where = f"{block}.attn.processor.{proj}_lora"
-        if set(params) != {"down", "up"}:
-            raise TLoRAFileError(f"{source}: layer '{where}' has only {sorted(params)}.weight; "
-                                 "need both down.weight and up.weight.")
-        name = f"{block}.attn.{FLUX_PROJ[proj]}"
-        target = b.resolve(name, where)
-        if target is not None:
-            down, up = pair_factors(params["down"], params["up"], where, source)
-            b.add(target, name, down, up, schedule=b.schedule(down.shape[0], min_rank, power))
-    return b.finish(sd, "vanilla", "reference-flux")
+def read_reference_flux(sd: Mapping[str, torch.Tensor], inventory: Inventory, **kwargs) -> TLoRAWeights:
+    """:func:`read_reference` of the reference code's FLUX file (``lora.pt``)."""
+    return read_reference(sd, inventory, "reference-flux", **kwargs)
 
 
 def lycoris_base_factors(weight: torch.Tensor, rank: int
