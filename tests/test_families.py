@@ -324,3 +324,36 @@ def test_z_image_diffusers_names_are_comfyuis(comfy):
         else:
             start, end = target.out_rows
             assert stock == (weight, (0, start, end - start)), name
+
+
+@pytest.mark.comfy
+def test_sd3_diffusers_names_are_comfyuis(comfy):
+    """SD3's diffusers spellings are exactly the Linear layers ComfyUI's own key map gives a
+    ``transformer.`` name (comfy.utils.mmdit_to_diffusers), on the same weights and rows: q / k / v
+    on thirds of the fused qkv (image, text, SD3.5's attn2), whole modules elsewhere, and the
+    two modulations diffusers stores as [scale | shift] with their halves swapped."""
+    from comfy.lora import model_lora_keys_unet
+
+    from tlora_core.inventory import Target
+
+    model = comfy.build_model("sd3")
+    inventory = _inventory(model.model.diffusion_model)
+    stock = {}
+    for lora_key, to in model_lora_keys_unet(model.model, {}).items():
+        if not lora_key.startswith("transformer."):
+            continue
+        key, rows, swap = to, None, False
+        if isinstance(to, tuple):
+            key, offset = to[0], to[1]
+            if offset is None:      # (weight, None, swap_scale_shift)
+                assert to[2].__name__ == "swap_scale_shift", lora_key
+                swap = True
+            else:
+                rows = (offset[1], offset[1] + offset[2])
+        module = key.removeprefix("diffusion_model.").removesuffix(".weight")
+        if key.endswith(".weight") and module in inventory:
+            stock[lora_key.removeprefix("transformer.")] = Target(module, rows, swap)
+    ours = dict(families.get("sd3").foreign_names(inventory))
+    assert {"transformer_blocks.0.attn2.to_k", "transformer_blocks.1.attn.add_v_proj",
+            "norm_out.linear"} <= set(ours)
+    assert ours == stock
