@@ -209,6 +209,24 @@ def test_guess_file_architecture(keys, meta, expected):
     assert guess_file_architecture(keys, meta) == expected
 
 
+@pytest.mark.parametrize("keys,expected", [
+    # diffusers spells FLUX's double blocks and SD3's joint blocks alike ...
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], "flux-or-sd3"),
+    (["lora_transformer_transformer_blocks_0_attn_add_k_proj.lora_down.weight"], "flux-or-sd3"),
+    # ... the file's other keys tell them apart: FLUX's single blocks, SD3.5's attn2
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+      "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], "flux"),
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+      "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight"], "sd3"),
+    (["lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight",
+      "lora_unet_joint_blocks_1_x_block_attn_qkv.lora_down.weight"], "sd3"),
+    # a UNet's attn2 is not SD3's
+    (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q.lora_A.weight"], "sdxl"),
+])
+def test_guess_tells_diffusers_flux_and_sd3_files_apart(keys, expected):
+    assert guess_file_architecture(keys, {}) == expected
+
+
 def test_inventory_and_architecture_of_a_module_tree_on_the_meta_device():
     def tree(**children):
         module = torch.nn.Module()

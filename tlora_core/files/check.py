@@ -25,9 +25,10 @@ from ..weights import TLoRAWeights
 
 log = logging.getLogger(__name__)
 
-# What a file can look made for: the known families, and a few the pack does not load.
+# What a file can look made for: the known families, a few the pack does not load, and undecided.
 ARCHITECTURE_LABELS = {
-    **{f.id: f.label for f in families.all_families()}, "sd3": "SD3", "sd1": "SD 1.x/2.x",
+    **{f.id: f.label for f in families.all_families()}, "sd1": "SD 1.x/2.x",
+    "flux-or-sd3": "FLUX or SD3 (diffusers names their joint blocks alike)",
     "text-encoder": "text encoders only", "unknown": "an unrecognised model",
 }
 
@@ -49,6 +50,10 @@ _UNET_KEY = re.compile(r"(input|output)[._]blocks|middle[._]block|(down|up)[._]b
 # Attention in the first UNet level exists in SD 1.x/2.x, not in SDXL.
 _SD1_KEY = re.compile(r"input[._]blocks[._][12][._]1[._]|down[._]blocks[._]0[._]attentions")
 _TE_KEY = re.compile(r"^(lora_te\d?_|text_encoder|te\d?[._]|clip_|t5)")
+# diffusers spells FLUX's double blocks and SD3's joint blocks alike (transformer_blocks.N.attn.*):
+# FLUX's single blocks, SD3's own names and SD3.5's second image attention (attn2) tell them apart.
+_DIFFUSERS_JOINT_KEY = re.compile(r"(?:^|(?<!single)[._])transformer[._]blocks[._]\d+[._]attn[._]")
+_SD3_KEY = re.compile(r"joint[._]blocks|(?:^|[._])transformer[._]blocks[._]\d+[._]attn2[._]")
 
 
 def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
@@ -73,24 +78,33 @@ def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | N
 
     Metadata (``tlora.architecture``, ``modelspec.architecture``, ``ss_base_model_version``) wins;
     otherwise the block names in the keys vote (FLUX ``double_blocks`` / diffusers
-    ``transformer_blocks.N.attn``, SD3 ``joint_blocks``, LDM / diffusers UNet names).
+    ``single_transformer_blocks``, SD3 ``joint_blocks`` / diffusers ``attn2``, LDM / diffusers
+    UNet names); diffusers' ``transformer_blocks.N.attn`` go with FLUX's or SD3's other keys, and
+    are ``"flux-or-sd3"`` alone.
     """
     found = _architecture_from_metadata(metadata or {})
     if found:
         return found
     votes: Counter[str] = Counter()
+    joint = 0
     for key in keys:
-        if _FLUX_KEY.search(key) and not _UNET_KEY.search(key):
-            votes["flux"] += 1
-        elif re.search(r"joint[._]blocks", key):
-            votes["sd3"] += 1
-        elif _UNET_KEY.search(key):
+        if _UNET_KEY.search(key):
             votes["sd1" if _SD1_KEY.search(key) else "sdxl"] += 1
+        elif _SD3_KEY.search(key):
+            votes["sd3"] += 1
+        elif _DIFFUSERS_JOINT_KEY.search(key):
+            joint += 1
+        elif _FLUX_KEY.search(key):
+            votes["flux"] += 1
         elif _TE_KEY.search(key):
             votes["text-encoder"] += 1
     if votes["sd1"]:
         # One SD 1.x-only block is enough: SDXL files never contain it.
         votes["sd1"] += votes.pop("sdxl", 0)
+    if joint:
+        # The file's other transformer keys say whose joint blocks these are.
+        side = {(True, False): "flux", (False, True): "sd3"}.get((votes["flux"] > 0, votes["sd3"] > 0))
+        votes[side or "flux-or-sd3"] += joint
     return votes.most_common(1)[0][0] if votes else "unknown"
 
 
