@@ -16,7 +16,9 @@ spelling:
 (b) ComfyUI's stock loader reads the renamed file with no "lora key not loaded" and gives the
     same model calls (so the renaming agrees with ComfyUI's own key map);
 (c) a key with no SD3 module is named, with the file, in the warning; a file of only such keys
-    is refused with an error naming both (and "FLUX or SD3" as what it looks made for).
+    is refused with an error naming both (and "FLUX or SD3" as what it looks made for);
+(d) a LyCORIS ``tlora`` file, flattened diffusers names, lands on the same rows and rebuilds its
+    frozen factors from those rows of the base weight.
 """
 
 from __future__ import annotations
@@ -185,3 +187,38 @@ def test_unknown_sd3_diffusers_key_is_named_with_the_file(comfy, pack, core, lor
                        r"FLUX or SD3.*model is SD3.*transformer\.transformer_blocks\.0\.attn\.to_qq"):
         loader.TLoRALoader.execute(base, "unknown.safetensors", 1.0, -1, 0.0, False)
 
+
+
+def test_lycoris_sd3_tlora_rebuilds_its_base_from_the_named_rows(comfy, pack, loras_dir):
+    """A LyCORIS ``tlora`` file (SimpleTuner's SD3 T-LoRA) names its layers in diffusers' spelling,
+    flattened: each lands on its module and rows, and its frozen factors are rebuilt from those
+    rows of the base weight (LyCORIS's top-r SVD), so the full-rank delta is
+    ``alpha / r * (P diag(lambda) Q - P0 diag(lambda0) Q0)``."""
+    import reference_files as rf
+
+    loader = importlib.import_module(f"{pack.__name__}.nodes.loader")
+    base = comfy.build_model("sd3")
+    dm = base.model.diffusion_model
+    h = dm.joint_blocks[0].x_block.attn.proj.in_features
+    where = {"transformer_blocks.0.attn.to_k": ("joint_blocks.0.x_block.attn.qkv", (h, 2 * h)),
+             "transformer_blocks.0.attn2.to_v": ("joint_blocks.0.x_block.attn2.qkv", (2 * h, 3 * h)),
+             "transformer_blocks.1.attn.add_v_proj": ("joint_blocks.1.context_block.attn.qkv", (2 * h, 3 * h)),
+             "transformer_blocks.0.ff_context.net.2": ("joint_blocks.0.context_block.mlp.fc2", None)}
+    gen, rank, alpha = torch.Generator().manual_seed(8), 4, 2.0
+
+    def named_weight(module, rows):
+        w = dm.get_submodule(module).weight.detach().float()
+        return w if rows is None else w[rows[0]:rows[1]]
+
+    layers = {n: rf.trained_lycoris(named_weight(*where[n]), rank, alpha, gen) for n in where}
+    save_file(rf.lycoris_state_dict(layers), str(loras_dir / "lycoris_sd3.safetensors"))
+    out = loader.TLoRALoader.execute(base, "lycoris_sd3.safetensors", 1.0, 2, 0.0, False).result[0]
+    (holder,) = out.attachments.values()
+    adapters = holder.weights.adapters
+    assert {m: [a.out_rows for a in g] for m, g in adapters.items()} == {m: [r] for m, r in where.values()}
+    for name, (module, rows) in where.items():
+        f, (a,) = layers[name], adapters[module]
+        u, s, vh = torch.linalg.svd(named_weight(module, rows).double(), full_matrices=False)
+        frozen = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        want = alpha / rank * ((f.p.double() * f.lam.double()) @ f.q.double() - frozen)
+        torch.testing.assert_close(a.up.double() @ a.down.double(), want, rtol=0, atol=1e-5, msg=name)
