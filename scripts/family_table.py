@@ -54,7 +54,7 @@ def row(family_id: str) -> str:
     model = comfy_runtime.build_model(family_id, family.real_config, device="meta")
     targets = family.targets(inventory_from_module(model.diffusion_model))
     recipe = family.recipe
-    min_rank = recipe.min_rank or default_min_rank(recipe.rank)
+    min_rank = default_min_rank(recipe.rank)
     params = sum(recipe.rank * (t.in_features + t.rows) for t in targets)
     classes = " / ".join(f"`model_base.{c}`" for c in family.model_classes)
     if family.config_classes:

@@ -265,6 +265,19 @@ def test_the_automatic_min_rank_is_one_value_on_every_node(comfy, pack):
         assert "-1 = automatic" in widget.tooltip and "half the rank" in widget.tooltip, node.__name__
 
 
+@pytest.mark.parametrize("rank, expected", [(0, None), (4, 2), (5, 3), (128, 64)])
+def test_train_resolves_the_automatic_min_rank_from_the_rank_it_trains(pack, rank, expected):
+    # 0 = the family's recipe rank; the automatic min_rank is half of whichever rank is trained.
+    from comfyui_tlora.training.job import resolve_config
+
+    for family_id in families.ids():
+        family = families.get(family_id)
+        config = resolve_config(family, variant="auto", rank=rank, min_rank=AUTO_MIN_RANK, schedule_power=1.0,
+                                steps=10, learning_rate=1e-4, batch_size=1, seed=0, target_layers="attention",
+                                training_dtype="fp32", gradient_checkpointing=False, save_every=0)
+        assert config.min_rank == (expected or default_min_rank(family.recipe.rank)), family_id
+
+
 def test_file_labels_are_the_ones_stock_tools_read():
     assert families.get("sdxl").file_labels == {"modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                                                 "ss_base_model_version": "sdxl_base_v1-0"}

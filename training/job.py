@@ -52,7 +52,7 @@ def resolve_config(family: Family, *, variant: str, rank: int, min_rank: int, sc
     recipe = family.recipe
     rank = int(rank) or recipe.rank
     if min_rank in (AUTO_MIN_RANK, LEGACY_AUTO_MIN_RANK):
-        min_rank = recipe.min_rank or (default_min_rank(rank) if rank >= 1 else 1)
+        min_rank = default_min_rank(rank) if rank >= 1 else 1
     return TrainConfig(variant=VARIANT_CHOICES[variant] or recipe.variant, rank=rank,
                        min_rank=int(min_rank), schedule_power=float(schedule_power), steps=int(steps),
                        learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),

@@ -83,7 +83,6 @@ class Recipe:
     variant: str                 # tlora_core.adapter.VARIANTS
     rank: int
     why: str                     # one sentence per default, for the tooltips
-    min_rank: int | None = None  # None: default_min_rank(rank), the paper's half
     needs_checkpointing: bool = False   # blocks update tensors in place: backward needs it
     training_guidance: float | None = None  # distilled-guidance models train at this value
 
