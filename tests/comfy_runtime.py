@@ -73,6 +73,11 @@ def comfyui_version() -> str:
     return match.group(1)
 
 
+def family_spec(tiny_id: str):
+    """The pack's registry entry of a tiny model's family (``tiny_id``: a family or a variant)."""
+    return families.get(family_configs.registry_id(tiny_id))
+
+
 def real_config(family: str, name: str | None = None) -> dict[str, Any]:
     """The family file's real config, or its other real config ``name`` (FLUX.2 Klein)."""
     spec = families.get(family)
@@ -183,19 +188,19 @@ def fake_conditioning(family: str, batch: int = 1, seed: int = 1, tokens: int = 
     tiny = family_configs.TINY[family]
     ctx = torch.randn(batch, tiny.fixed_tokens or tokens, context_dim, generator=gen)
     # A text encoder without a pooled vector gives None (0.3.75's Flux classes read the key).
-    pooled = torch.randn(batch, pooled_dim, generator=gen) if families.get(family).pooled_output else None
+    pooled = torch.randn(batch, pooled_dim, generator=gen) if family_spec(family).pooled_output else None
     extra = {"pooled_output": pooled, **tiny.cond_extra}
     return [[ctx, extra]]
 
 
 def latent_channels(family: str) -> int:
-    return families.get(family).latent_channels
+    return family_spec(family).latent_channels
 
 
 def latent_shape(family: str, batch: int, size: int) -> tuple[int, ...]:
     """A square image latent's shape: (batch, C, size, size), or (batch, C, 1, size, size) for
     families with 5-D (B, C, T, H, W) latents (Qwen-Image's Wan 2.1 latents: one frame)."""
-    frames = (1,) if families.get(family).latent_ndim == 5 else ()
+    frames = (1,) if family_spec(family).latent_ndim == 5 else ()
     return (batch, latent_channels(family), *frames, size, size)
 
 

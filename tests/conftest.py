@@ -17,6 +17,8 @@ for path in (str(REPO), str(TESTS)):
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "comfy: needs the real ComfyUI runtime")
     config.addinivalue_line("markers", "server: starts a real ComfyUI server on 127.0.0.1")
+    config.addinivalue_line("markers", "runtimes(*versions): only these ComfyUI versions have what the "
+                                       "test needs (deselected on the others)")
 
 
 @pytest.fixture(scope="session")
@@ -43,15 +45,17 @@ def comfy_nodes(comfy):
     return nodes
 
 
-def _family_ids() -> list[str]:
-    import comfy_runtime
+def _family_params() -> list:
+    import family_configs
 
-    return list(comfy_runtime.families.ids())
+    return [pytest.param(tiny_id, marks=pytest.mark.runtimes(*tiny.runtimes))
+            for tiny_id, tiny in family_configs.TINY.items()]
 
 
-@pytest.fixture(params=_family_ids())
+@pytest.fixture(params=_family_params())
 def family(request) -> str:
-    """Every family the pack's registry knows (each has a tiny config in family_configs)."""
+    """Every family the pack's registry knows and each tiny variant of one (FLUX.2 Klein): a key of
+    family_configs.TINY (``family_configs.registry_id`` gives the pack's family id)."""
     return request.param
 
 
@@ -68,7 +72,8 @@ def real_size(request) -> tuple[str, str | None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """Deselect (not skip) the real-size tests of models the running ComfyUI does not load."""
+    """Deselect (not skip) the tests the running ComfyUI cannot run: real-size tests of models it
+    does not load, and tests marked ``runtimes`` without its version."""
     import comfy_runtime
     import family_configs
 
@@ -76,7 +81,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     keep, drop = [], []
     for item in items:
         param = getattr(getattr(item, "callspec", None), "params", {}).get("real_size")
-        if param is not None and version not in family_configs.real_size_runtimes(*param):
+        marked = [mark.args for mark in item.iter_markers("runtimes")]
+        if param is not None and version not in family_configs.real_size_runtimes(*param) or \
+                any(version not in versions for versions in marked):
             drop.append(item)
         else:
             keep.append(item)

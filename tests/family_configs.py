@@ -43,6 +43,9 @@ class TinyFamily:
     # The family file's other real configs: name -> (the ComfyUI versions that load it, adapters
     # per target scope). Their real-size tests are deselected on the other versions.
     other_real: dict[str, tuple[tuple[str, ...], dict[str, int]]] = field(default_factory=dict)
+    # The registry family this tiny model is a variant of (None: the TINY key is the family's id),
+    # e.g. FLUX.2 Klein, a FLUX.2 without a guidance input. A variant has no real_targets of its own.
+    variant_of: str | None = None
 
 
 TINY: dict[str, TinyFamily] = {
@@ -167,6 +170,15 @@ TINY["flux2"] = TinyFamily(
     cond_extra={"guidance": 3.5})
 
 
+TINY["flux2_klein"] = TinyFamily(
+    # FLUX.2 Klein: the tiny FLUX.2 above without the guidance embedder (Klein's real configs have
+    # none), so the family's code paths run on a model that takes no guidance input.
+    supported_model="Flux2", fixed_tokens=None, complete=lambda c: comfy_compat.flux2_config(c),
+    after_build=_scale_flux2_modulations, variant_of="flux2",
+    config={**TINY["flux2"].config, "guidance_embed": False},
+    cond_extra={})
+
+
 TINY["zimage"] = TinyFamily(
     # dim 256, the least Z-Image's modulation takes (its adaLN reads min(dim, 256) features of a
     # 256-wide timestep embedding); 2 heads of 128 (= sum of axes_dims), one block per stack.
@@ -198,10 +210,18 @@ TINY["qwen_image"] = TinyFamily(
     },
     cond_extra={})
 
+
+def registry_id(tiny_id: str) -> str:
+    """The pack's family id of the tiny model ``tiny_id`` (a TINY key: a family or a variant of one)."""
+    return TINY[tiny_id].variant_of or tiny_id
+
+
 def real_sizes() -> list[tuple[str, str | None]]:
     """``(family, other real config or None = the family file's real_config)`` for every family."""
     out: list[tuple[str, str | None]] = []
     for family, tiny in TINY.items():
+        if tiny.variant_of:
+            continue
         out.append((family, None))
         out.extend((family, name) for name in tiny.other_real)
     return out

@@ -66,7 +66,7 @@ def target_layout(patcher, family: str) -> dict[str, list[tuple[int, int] | None
     dm = patcher.model.diffusion_model
     if family != "flux":   # every other family: its own attention targets
         layout: dict[str, list] = {}
-        for t in comfy_runtime.families.get(family).targets(inventory(patcher)):
+        for t in comfy_runtime.family_spec(family).targets(inventory(patcher)):
             layout.setdefault(t.module, []).append(t.out_rows)
         return layout
     hidden = dm.hidden_size
@@ -132,7 +132,7 @@ def make_tlora(patcher, family: str, variant: str = "tlora", rank: int = 8, min_
 def timestep_of(model_sampling, sigma: float, family: str) -> float:
     """The reference timestep: 1000*sigma on flow families (FLUX), the nearest training timestep on
     discrete ones (SDXL)."""
-    if comfy_runtime.families.get(family).timestep == "flow":
+    if comfy_runtime.family_spec(family).timestep == "flow":
         return 1000.0 * sigma
     log_sigmas = model_sampling.sigmas.double().log()
     return float((log_sigmas - math.log(sigma)).abs().argmin())
@@ -256,6 +256,6 @@ def build_stored_as(family: str, weight_dtype: torch.dtype, compute_dtype: torch
 
 def sigmas_for(patcher, family: str, points: list[float]) -> torch.Tensor:
     """Per-sample sigmas at the given noise fractions (timestep / 1000) of the model's schedule."""
-    if comfy_runtime.families.get(family).timestep == "flow":
+    if comfy_runtime.family_spec(family).timestep == "flow":
         return torch.tensor(points, dtype=torch.float32)
     return patcher.model.model_sampling.sigmas[[int(p * 999) for p in points]].float()

@@ -27,7 +27,7 @@ def _instance(class_name: str, config_name: str = "Config"):
 def test_every_family_has_a_tiny_test_config():
     import family_configs
 
-    assert set(family_configs.TINY) == set(families.ids())
+    assert {family_configs.registry_id(tiny) for tiny in family_configs.TINY} == set(families.ids())
 
 
 def test_every_family_file_is_found_and_listed_in_order():
@@ -184,9 +184,11 @@ def test_qwen_images_last_text_layers_get_no_gradient_and_are_not_targets(comfy,
 
 @pytest.mark.comfy
 def test_the_tiny_models_of_comfyui_are_recognised(comfy, family):
+    import family_configs
+
     model = comfy.build_model(family)
-    assert families.recognise(model.model).id == family
-    assert families.from_inventory(_inventory(model.model.diffusion_model)).id == family
+    assert families.recognise(model.model).id == family_configs.registry_id(family)
+    assert families.from_inventory(_inventory(model.model.diffusion_model)).id == family_configs.registry_id(family)
 
 
 def _inventory(dm):
@@ -370,3 +372,12 @@ def test_sd3_diffusers_names_are_comfyuis(comfy):
     assert {"transformer_blocks.0.attn2.to_k", "transformer_blocks.1.attn.add_v_proj",
             "norm_out.linear"} <= set(ours)
     assert ours == stock
+
+
+def test_the_tiny_klein_variant_is_flux2_without_a_guidance_input(comfy):
+    """The per-family tests run FLUX.2 twice: dev (guidance embedder) and Klein (none)."""
+    klein, dev = comfy.build_model("flux2_klein").model, comfy.build_model("flux2").model
+    assert type(klein).__name__ == type(dev).__name__ == "Flux2"
+    has_guidance = [any(name.startswith("guidance_in.") for name, _ in m.diffusion_model.named_parameters())
+                    for m in (klein, dev)]
+    assert has_guidance == [False, True]

@@ -39,7 +39,7 @@ def adapted_layers(family: str, inventory: dict) -> dict[str, list]:
     (written out here for FLUX; other families: their own attention targets)."""
     if family != "flux":
         layers: dict[str, list] = {}
-        for t in comfy_runtime.families.get(family).targets(inventory):
+        for t in comfy_runtime.family_spec(family).targets(inventory):
             layers.setdefault(t.module, []).append(t.out_rows)
         return layers
     layers = {}
@@ -65,14 +65,14 @@ def trained_tlora(core, family: str, inventory: dict):
             a.up.mul_(0.2)         # a clear but sane change of the tiny model's output
             group.append(a)
         adapters[module] = group
-    return core.weights.TLoRAWeights(adapters, family, "tlora", core.adapter.RankSchedule(RANK, MIN_RANK),
+    return core.weights.TLoRAWeights(adapters, family_configs.registry_id(family), "tlora", core.adapter.RankSchedule(RANK, MIN_RANK),
                                      "tlora")
 
 
 def model_inputs(family: str) -> tuple:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(comfy_runtime.latent_shape(family, 2, 8), generator=gen)
-    flow = comfy_runtime.families.get(family).timestep == "flow"
+    flow = comfy_runtime.family_spec(family).timestep == "flow"
     t = torch.tensor([0.9, 0.05]) if flow else torch.tensor([999.0, 10.0])
     ctx, extra = family_configs.raw_inputs(family, 2, gen)
     return (x, t, ctx, *extra.values())
@@ -92,7 +92,7 @@ def test_stock_loader_merges_our_file_as_the_full_rank_tlora(comfy, core, family
 
     dm = tiny_model.model.diffusion_model
     inventory = core.inventory.inventory_from_module(dm)
-    assert core.check.detect_architecture(inventory) == family
+    assert core.check.detect_architecture(inventory) == family_configs.registry_id(family)
     weights = trained_tlora(core, family, inventory)
     path = core.write.save_tlora(tmp_path / f"tiny_{family}.safetensors", weights, inventory=inventory)
     patch_keys = {f"diffusion_model.{m}.weight" for m in weights.adapters}

@@ -11,6 +11,7 @@ import torch
 import train_helpers as th
 
 import comfy_runtime
+import family_configs
 
 pytestmark = pytest.mark.comfy
 
@@ -50,7 +51,7 @@ def test_ortho_init_leaves_the_model_output_unchanged(family, tl):
                 model, gradient_checkpointing=False) as tp:
             sigma = _sigmas(model, [999, 500, 10])
             base, _ = _prediction(tp, data, sigma)
-            found = targets.find_targets(tp.model.diffusion_model, family)
+            found = targets.find_targets(tp.model.diffusion_model, family_configs.registry_id(family))
             adapters = modules.AdapterSet(found, "tlora", 4, seed=0)
             adapters.attach(tp.model.diffusion_model, modules.RankState(strict=True),
                             loop.TrainConfig(rank=4, min_rank=2).schedule())
@@ -72,7 +73,7 @@ def _perturbed_gradients(tl, family, variant, rank, min_rank, timesteps, checkpo
         data = th.training_data(model, latents, positive)
         with torch.inference_mode(False), torch.enable_grad(), prepare.trainable_model(
                 model, gradient_checkpointing=checkpointing) as tp:
-            found = targets.find_targets(tp.model.diffusion_model, family)
+            found = targets.find_targets(tp.model.diffusion_model, family_configs.registry_id(family))
             adapters = modules.AdapterSet(found, variant, rank, seed=0)
             with torch.no_grad():
                 for p in adapters.parameters():
@@ -124,7 +125,7 @@ def test_training_lowers_the_loss_and_restores_the_model(family, tl):
     model, latents, positive = th.node_inputs(family)
     before = th.snapshot(model)
     base_loss = th.fixed_pair_loss(model, latents, positive)
-    result = th.train(model, latents, positive, variant=VARIANT.get(family, comfy_runtime.families.get(family).recipe.variant), rank=4, min_rank=2, steps=30,
+    result = th.train(model, latents, positive, variant=VARIANT.get(family, comfy_runtime.family_spec(family).recipe.variant), rank=4, min_rank=2, steps=30,
                       learning_rate=3e-2, seed=0, gradient_checkpointing=False)
     th.assert_restored(before, model)
     assert len(result.losses) == 30 and all(torch.isfinite(torch.tensor(result.losses)))

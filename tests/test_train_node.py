@@ -13,6 +13,7 @@ import train_helpers as th
 from safetensors import safe_open
 
 import comfy_runtime
+import family_configs
 
 pytestmark = pytest.mark.comfy
 
@@ -42,13 +43,13 @@ def test_node_saves_the_file_and_its_model_equals_the_loaders(family, loras_dir,
     assert files_in(loras_dir) == ["tlora/t.safetensors", "tlora/t.tlora-state"]   # no temp files
     with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = f.metadata()
-    assert meta["tlora.variant"] == VARIANT.get(family, comfy_runtime.families.get(family).recipe.variant) and meta["tlora.rank"] == "4"
-    labels = comfy_runtime.families.get(family).file_labels   # labelled as its own family
-    assert meta["tlora.architecture"] == family and {k: meta[k] for k in labels} == dict(labels)
+    assert meta["tlora.variant"] == VARIANT.get(family, comfy_runtime.family_spec(family).recipe.variant) and meta["tlora.rank"] == "4"
+    labels = comfy_runtime.family_spec(family).file_labels   # labelled as its own family
+    assert meta["tlora.architecture"] == family_configs.registry_id(family) and {k: meta[k] for k in labels} == dict(labels)
     assert meta["tlora.min_rank"] == "2"   # min_rank 0 = half the rank
     settings = json.loads(meta["tlora.training"])
     assert settings["steps"] == 3 and settings["learning_rate"] == 1e-2 and settings["seed"] == 0
-    assert settings["optimizer"] == "AdamW" and settings["images"] == 1 and settings["architecture"] == family
+    assert settings["optimizer"] == "AdamW" and settings["images"] == 1 and settings["architecture"] == family_configs.registry_id(family)
     assert curve.shape == (1, 320, 512, 3) and 0 <= float(curve.min()) and float(curve.max()) <= 1
     loader = comfy_nodes.NODE_CLASS_MAPPINGS["TLoRALoader"]
     with torch.inference_mode():
@@ -171,7 +172,7 @@ def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir, family)
 
 
 def _graph(family: str, steps: int) -> dict:
-    channels = comfy_runtime.families.get(family).latent_channels
+    channels = comfy_runtime.family_spec(family).latent_channels
     empty_latent = "EmptyLatentImage" if channels == 4 else "EmptySD3LatentImage"
     return {
         "1": {"class_type": "TLoRATestTinyCheckpointLoader", "inputs": {"family": family}},

@@ -24,8 +24,9 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 import comfy_runtime
+import family_configs
 
-FAMILIES = list(comfy_runtime.families.ids())
+FAMILIES = list(family_configs.TINY)   # the pack's families and their tiny variants (FLUX.2 Klein)
 CATEGORY = "T-LoRA tests"
 # Smallest AutoencoderKL that keeps the real 8x scale factor: GroupNorm needs 32 channels.
 _VAE_CHANNELS = 32
