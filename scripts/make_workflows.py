@@ -219,6 +219,12 @@ def _sample_column(g: Graph, model, clip, vae, prompts: list[str], sample: dict,
         positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux)
         decoded.append(_sampler(g, model, positive, negative, latent, vae, sample, 0, (x + 340, top),
                                 (x + 650, top), f"Sample {row + 1}"))
+    _save_batch(g, decoded, x, y, pitch, filename_prefix)
+
+
+def _save_batch(g: Graph, decoded: list[Node], x: float, y: float, pitch: float, filename_prefix: str) -> None:
+    """The images of a sample column (one decode node per prompt row, ``pitch`` apart from
+    ``y + 460``) batched into one SaveImage right of the rows."""
     batch = decoded[0]
     for index, decode in enumerate(decoded[1:], start=1):
         # 250 wide: ComfyUI 0.33 deprecates ImageBatch (its successor does not exist in 0.3.75) and
