@@ -12,7 +12,9 @@ widget values by name), not the same text: newer ComfyUI declares outputs that 0
 SaveImage / PreviewImage / PreviewAny), which both frontends add to a file that lacks them, while
 an output a file has and its server lacks stays on the node. So the files are generated on the
 oldest supported runtime (0.3.75), and a file whose meaning is unchanged is left as it is
-(``--force`` rewrites every file).
+(``--force`` rewrites every file). The FLUX.2 Klein workflow too: 0.3.75 has every node it uses,
+though it cannot load Klein (the workflow's tests run where Klein loads, see
+tests/workflow_tools.workflow_runtimes).
 """
 
 from __future__ import annotations
@@ -92,6 +94,29 @@ QWEN_TRAIN = {"variant": "T-LoRA", "rank": 16, "min_rank": 8, "schedule_power": 
 QWEN_SAMPLE = {"steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 QWEN_SHIFT, QWEN_SIZE = 3.1, 1328
 
+# Z-Image Turbo, wired as ComfyUI's Z-Image template: Load Diffusion Model, CLIPLoader "lumina2"
+# with Qwen3-4B, the FLUX.1 VAE, ModelSamplingAuraFlow shift 3, an all-zero negative, 9 steps
+# res_multistep / simple at CFG 1. Training: the family's T-LoRA at rank 32, min_rank 16 (no paper
+# recipe exists for Z-Image; common Z-Image LoRA trainers start at rank 16-32, lr 1e-4).
+ZIMAGE_UNET, QWEN3_4B, ZIMAGE_VAE = "z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors", "ae.safetensors"
+ZIMAGE_LORA, ZIMAGE_SHIFT = "tlora/sks_dog_zimage", 3.0
+ZIMAGE_TRAIN = {**SDXL_TRAIN, "rank": 32, "min_rank": 16, "steps": 1000}
+ZIMAGE_SAMPLE = {"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+PROMPTS["zimage_train"] = ["a {} sitting on the chair", "a {} with the Sydney Opera House in the background",
+                           "a {} riding a surfboard", "a {} dressed in a superhero cape, soaring through "
+                           "the skies above a bustling city during a sunset"]
+# FLUX.2 Klein 4B base (ComfyUI 0.33+: older ComfyUI cannot load Klein), wired as ComfyUI's Klein
+# template: Load Diffusion Model, CLIPLoader "flux2" with Qwen3-4B, the FLUX.2 VAE, no guidance
+# node (Klein has no guidance input), CFGGuider 5 with an empty-prompt negative, Flux2Scheduler
+# 20 steps, euler, EmptyFlux2LatentImage. Training: Vanilla T-LoRA (the reference's FLUX recipe)
+# at rank 32, min_rank 16: Klein 4B is an eighth of FLUX.2 dev.
+KLEIN_UNET, KLEIN_VAE, KLEIN_LORA = "flux-2-klein-base-4b.safetensors", "flux2-vae.safetensors", "tlora/sks_dog_klein"
+KLEIN_TRAIN = {**FLUX_TRAIN}
+KLEIN_SAMPLE = {"steps": 20, "cfg": 5.0, "sampler_name": "euler"}
+PROMPTS["klein_train"] = ["a red {}", "a {} jumping with a parachute", "a {} running on a treadmill",
+                          "a {} in a wizards robe in a magical forest at midnight, accented with purples "
+                          "and sparkling silver tones"]
+
 NOTE_TRAIN = """## T-LoRA: train on one image, then generate
 
 1. **Load Image**: upload one photo of your subject (`{image}` is a placeholder). It is centre-cropped to 1024 x 1024.
@@ -109,6 +134,14 @@ NOTE_TRAIN_QWEN_IMAGE = """## T-LoRA on Qwen-Image: train on one image, then gen
 4. The samplers on the right use that model as ComfyUI's Qwen-Image template does (shift {shift}, CFG {cfg}, empty negative prompt) with prompts from the paper's evaluation set.
 
 To reuse the file later, put **T-LoRA Loader** after *ModelSamplingAuraFlow*. Lower `steps` for a quick try."""
+
+NOTE_ZIMAGE = """
+
+Z-Image Turbo is step-distilled: a T-LoRA trained on it may drift from its 9-step look. Where you have the base Z-Image, train on it (same wiring)."""
+
+NOTE_KLEIN = """
+
+Needs **ComfyUI 0.33 or newer** (older versions cannot load FLUX.2 Klein). Train the base Klein, not the 4-step distilled one."""
 
 NOTE_GENERATE = """## Generate with a saved T-LoRA
 
@@ -347,15 +380,92 @@ def flux_generate(info: dict) -> dict:
     return _generate(info, flux=True)
 
 
-def _qwen_image_loaders(g: Graph) -> tuple[tuple, tuple, tuple]:
-    """Load Diffusion Model, Load CLIP (type qwen_image), Load VAE, and the shift every sampler of
-    the graph (and the trainer, whose noise levels it does not change) reads."""
-    unet = g.node("UNETLoader", (COL_A, 340), {"unet_name": QWEN_UNET, "weight_dtype": "default"}, width=340)
-    clip = g.node("CLIPLoader", (COL_A, 480), {"clip_name": QWEN_CLIP, "type": "qwen_image"}, width=340)
-    vae = g.node("VAELoader", (COL_A, 640), {"vae_name": QWEN_VAE}, width=340)
-    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": QWEN_SHIFT}, width=340)
-    g.link(unet, "MODEL", shift, "model")
-    return (shift, "MODEL"), (clip, "CLIP"), (vae, "VAE")
+def _single_encoder_loaders(g: Graph, unet: str, clip: str, clip_type: str, vae: str) -> tuple[tuple, tuple, tuple]:
+    """Load Diffusion Model, Load CLIP (one text encoder of ``clip_type``) and Load VAE, stacked."""
+    model = g.node("UNETLoader", (COL_A, 340), {"unet_name": unet, "weight_dtype": "default"}, width=340)
+    encoder = g.node("CLIPLoader", (COL_A, 470), {"clip_name": clip, "type": clip_type}, width=340)
+    decoder = g.node("VAELoader", (COL_A, 630), {"vae_name": vae}, width=340)
+    return (model, "MODEL"), (encoder, "CLIP"), (decoder, "VAE")
+
+
+def _plain_training_inputs(g: Graph, clip, vae, image_y: float) -> tuple[Node, Node]:
+    """The training prompt (no guidance node) and the concept latent, the photo at ``image_y``."""
+    prompt = g.node("CLIPTextEncode", (COL_B, 340), {"text": TRAIN_PROMPT}, title="Training prompt", width=340)
+    g.link(clip[0], clip[1], prompt, "clip")
+    return prompt, _concept_latent(g, vae, (COL_A, image_y), (COL_B, 540))
+
+
+def zimage_train_and_generate(info: dict) -> dict:
+    g = Graph(info)
+    g.note(NOTE_TRAIN.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(ZIMAGE_TRAIN),
+                             lora=ZIMAGE_LORA) + NOTE_ZIMAGE, (COL_A, 0), width=720, height=300)
+    unet, clip, vae = _single_encoder_loaders(g, ZIMAGE_UNET, QWEN3_4B, "lumina2", ZIMAGE_VAE)
+    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": ZIMAGE_SHIFT}, width=340)
+    g.link(unet[0], unet[1], shift, "model")
+    model = (shift, "MODEL")
+    positive, latent = _plain_training_inputs(g, clip, vae, 860)
+    train = _trainer(g, model, latent, positive, ZIMAGE_TRAIN, ZIMAGE_LORA, (COL_C, 0), "T-LoRA Train")
+    _train_outputs(g, train, COL_D, 0)
+    _schedule_preview(g, model, ZIMAGE_SAMPLE, (COL_C, 500), (COL_D, 500), None, ZIMAGE_TRAIN["rank"],
+                      ZIMAGE_TRAIN["min_rank"])
+    x = COL_E
+    negative, empty = _negative_and_latent(g, clip, x, 0, flux=True)   # EmptySD3LatentImage: 16 channels
+    decoded = []
+    for row, text in enumerate(_prompts("zimage_train")):
+        top = 460 + row * ROW
+        positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux=False)
+        decoded.append(_sampler(g, (train, "model"), positive, negative, empty, vae, ZIMAGE_SAMPLE, 0,
+                                (x + 340, top), (x + 650, top), f"Sample {row + 1}"))
+    _save_batch(g, decoded, x, 0, ROW, "tlora/zimage_trained")
+    return g.build()
+
+
+def _klein_sample_column(g: Graph, model, clip, vae, prompts: list[str], x: float, y: float,
+                         filename_prefix: str) -> None:
+    """Klein's sampling: per prompt a CFGGuider and SamplerCustomAdvanced sharing one negative,
+    noise, sampler, Flux2Scheduler sigmas and empty latent."""
+    empty_prompt = g.node("CLIPTextEncode", (x, y), {"text": ""}, title="Negative (empty prompt)", width=300)
+    g.link(clip[0], clip[1], empty_prompt, "clip")
+    latent = g.node("EmptyFlux2LatentImage", (x, y + 200), {"width": 1024, "height": 1024, "batch_size": 1},
+                    width=300)
+    sigmas = g.node("Flux2Scheduler", (x + 340, y), {"steps": KLEIN_SAMPLE["steps"], "width": 1024,
+                                                     "height": 1024}, width=270)
+    sampler = g.node("KSamplerSelect", (x + 340, y + 160), {"sampler_name": KLEIN_SAMPLE["sampler_name"]},
+                     width=270)
+    noise = g.node("RandomNoise", (x + 340, y + 270), {"noise_seed": 0}, width=270)
+    noise.height = 110   # room for the seed's "control after generate" widget
+    decoded = []
+    for row, text in enumerate(prompts):
+        top = y + 460 + row * ROW
+        positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux=False)
+        guider = g.node("CFGGuider", (x + 340, top), {"cfg": KLEIN_SAMPLE["cfg"]}, title=f"Guider {row + 1}",
+                        width=270)
+        g.link(model[0], model[1], guider, "model")
+        g.link(positive, "CONDITIONING", guider, "positive")
+        g.link(empty_prompt, "CONDITIONING", guider, "negative")
+        run = g.node("SamplerCustomAdvanced", (x + 340, top + 140), title=f"Sample {row + 1}", width=270)
+        g.link(noise, "NOISE", run, "noise")
+        g.link(guider, "GUIDER", run, "guider")
+        g.link(sampler, "SAMPLER", run, "sampler")
+        g.link(sigmas, "SIGMAS", run, "sigmas")
+        g.link(latent, "LATENT", run, "latent_image")
+        decode = g.node("VAEDecode", (x + 650, top), width=200)
+        g.link(run, 0, decode, "samples")
+        g.link(vae[0], vae[1], decode, "vae")
+        decoded.append(decode)
+    _save_batch(g, decoded, x, y, ROW, filename_prefix)
+
+
+def klein_train_and_generate(info: dict) -> dict:
+    g = Graph(info)
+    g.note(NOTE_TRAIN.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(KLEIN_TRAIN),
+                             lora=KLEIN_LORA) + NOTE_KLEIN, (COL_A, 0), width=720, height=300)
+    model, clip, vae = _single_encoder_loaders(g, KLEIN_UNET, QWEN3_4B, "flux2", KLEIN_VAE)
+    positive, latent = _plain_training_inputs(g, clip, vae, 740)
+    train = _trainer(g, model, latent, positive, KLEIN_TRAIN, KLEIN_LORA, (COL_C, 0), "T-LoRA Train")
+    _train_outputs(g, train, COL_D, 0)
+    _klein_sample_column(g, (train, "model"), clip, vae, _prompts("klein_train"), COL_E, 0, "tlora/klein_trained")
+    return g.build()
 
 
 def _qwen_image_sample_column(g: Graph, model, clip, vae, prompts: list[str], x: float, y: float) -> None:
@@ -371,15 +481,7 @@ def _qwen_image_sample_column(g: Graph, model, clip, vae, prompts: list[str], x:
         positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux=False)
         decoded.append(_sampler(g, model, positive, negative, latent, vae, QWEN_SAMPLE, 0, (x + 340, top),
                                 (x + 650, top), f"Sample {row + 1}"))
-    batch = decoded[0]
-    for index, decode in enumerate(decoded[1:], start=1):
-        joined = g.node("ImageBatch", (x + 880, y + 460 + index * ROW - 60), width=250)
-        g.link(batch, "IMAGE", joined, "image1")
-        g.link(decode, "IMAGE", joined, "image2")
-        batch = joined
-    save = g.node("SaveImage", (x + 1160, y + 460), {"filename_prefix": "tlora/qwen_image_trained"}, width=520)
-    save.height = 560
-    g.link(batch, "IMAGE", save, "images")
+    _save_batch(g, decoded, x, y, ROW, "tlora/qwen_image_trained")
 
 
 def qwen_image_train_and_generate(info: dict) -> dict:
@@ -387,10 +489,12 @@ def qwen_image_train_and_generate(info: dict) -> dict:
     g.note(NOTE_TRAIN_QWEN_IMAGE.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(QWEN_TRAIN),
                                         lora=QWEN_LORA, shift=QWEN_SHIFT, cfg=QWEN_SAMPLE["cfg"]),
            (COL_A, 0), width=720, height=300)
-    model, clip, vae = _qwen_image_loaders(g)
-    prompt = g.node("CLIPTextEncode", (COL_B, 340), {"text": TRAIN_PROMPT}, title="Training prompt", width=340)
-    g.link(clip[0], clip[1], prompt, "clip")
-    latent = _concept_latent(g, vae, (COL_A, 880), (COL_B, 540))
+    unet, clip, vae = _single_encoder_loaders(g, QWEN_UNET, QWEN_CLIP, "qwen_image", QWEN_VAE)
+    # The shift every sampler of the graph reads (and the trainer, whose noise levels it does not change).
+    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": QWEN_SHIFT}, width=340)
+    g.link(unet[0], unet[1], shift, "model")
+    model = (shift, "MODEL")
+    prompt, latent = _plain_training_inputs(g, clip, vae, 880)
     train = _trainer(g, model, latent, prompt, QWEN_TRAIN, QWEN_LORA, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
     _schedule_preview(g, model, QWEN_SAMPLE, (COL_C, 500), (COL_D, 500), None, QWEN_TRAIN["rank"],
@@ -449,6 +553,8 @@ WORKFLOWS = {
     "tlora_flux_generate": flux_generate,
     "tlora_sdxl_lora_vs_tlora": sdxl_lora_vs_tlora,
     "tlora_qwen_image_train_and_generate": qwen_image_train_and_generate,
+    "tlora_zimage_train_and_generate": zimage_train_and_generate,
+    "tlora_flux2_klein_train_and_generate": klein_train_and_generate,
 }
 
 

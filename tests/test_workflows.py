@@ -30,9 +30,11 @@ from workflow_tools import (
     check_workflow,
     load_workflow,
     meaning_differences,
+    runtime_marks,
     schema_outputs,
     to_api,
     widget_values,
+    workflow_runtimes,
 )
 
 import comfy_compat
@@ -42,6 +44,16 @@ WORKFLOW_DIR = REPO / "workflows"
 WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 NAMES = [path.stem for path in WORKFLOWS]
 TRAIN_WORKFLOWS = [name for name in NAMES if "train" in name or "vs" in name]
+
+
+def _params(names: list[str], value=lambda name: name) -> list:
+    """One parameter per workflow, marked with the ComfyUI versions that run it (the FLUX.2 Klein
+    one: those that load Klein; deselected on the others by conftest)."""
+    return [pytest.param(value(name), id=name, marks=runtime_marks(name)) for name in names]
+
+
+PATH_PARAMS = _params(NAMES, lambda name: WORKFLOW_DIR / f"{name}.json")
+NAME_PARAMS, TRAIN_PARAMS = _params(NAMES), _params(TRAIN_WORKFLOWS)
 CONCEPT_IMAGE = "sks_dog.png"
 
 # Paper Appendix A, live_set (V* = the subject token): the prompts the examples may use.
@@ -69,6 +81,10 @@ TOKEN = "sks dog"
 TRAIN_PROMPT = f"a photo of {TOKEN}"
 
 # Loaders and text encoders -> tiny stand-ins of the same output types (tests/tiny_nodes).
+# Which tiny model stands in for each workflow's diffusion model file (a checkpoint: SDXL).
+TINY_FAMILY_OF_UNET = {"flux1-dev.safetensors": "flux", "z_image_turbo_bf16.safetensors": "zimage",
+                       "flux-2-klein-base-4b.safetensors": "flux2_klein",
+                       "qwen_image_fp8_e4m3fn.safetensors": "qwen_image"}
 SWAPS = {"CheckpointLoaderSimple": "TLoRATestTinyCheckpointLoader", "UNETLoader": "TLoRATestTinyModelLoader",
          "DualCLIPLoader": "TLoRATestTinyClipLoader", "CLIPLoader": "TLoRATestTinyClipLoader",
          "VAELoader": "TLoRATestTinyVaeLoader"}
@@ -76,8 +92,6 @@ SWAPS = {"CheckpointLoaderSimple": "TLoRATestTinyCheckpointLoader", "UNETLoader"
 # rank 4 / min_rank 2 because the tiny models' attention layers are 32-64 wide (rank 64 cannot
 # exist there); 128 px images give the tiny models 16 x 16 latents.
 TRAIN_STEPS, SAVE_EVERY, TINY_RANK, TINY_MIN_RANK, SAMPLE_STEPS, TINY_SIZE = 3, 2, 4, 2, 2, 128
-# Workflows whose text encoder loader names the family (CLIPLoader's type): the tiny family to run.
-CLIP_TYPE_FAMILIES = {"qwen_image": "qwen_image"}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +137,7 @@ def _values(workflow: dict, node_type: str, info: dict) -> list[dict]:
     return [widget_values(node, info[node_type]) for node in _nodes_of(workflow, node_type)]
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_workflow_is_ui_format_json(path):
     workflow = json.loads(path.read_text(encoding="utf-8"))
     assert workflow["version"] == 0.4
@@ -137,7 +151,7 @@ def test_workflow_is_ui_format_json(path):
 
 @pytest.mark.comfy
 @pytest.mark.server
-@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_node_types_exist_in_comfyui_and_pack(object_info, path):
     types = {node["type"] for node in load_workflow(path)["nodes"]}
     unknown = sorted(types - set(object_info) - VIRTUAL_NODE_TYPES)
@@ -147,7 +161,7 @@ def test_node_types_exist_in_comfyui_and_pack(object_info, path):
 
 @pytest.mark.comfy
 @pytest.mark.server
-@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_links_and_widget_values_fit_the_schemas(object_info, path):
     assert check_workflow(load_workflow(path), object_info) == []
 
@@ -271,10 +285,34 @@ def test_meaning_comparison_is_not_vacuous():
 
 @pytest.mark.comfy
 @pytest.mark.server
-def test_standard_model_files_and_flux_wiring(object_info):
+def test_standard_model_files_and_family_wiring(object_info):
+    """Each family's standard file names and the nodes its users sample it with."""
     for path in WORKFLOWS:
         workflow = load_workflow(path)
-        if "flux" in path.stem:
+        if "zimage" in path.stem:   # Z-Image Turbo: Qwen3-4B as "lumina2", shift 3, 9 steps at CFG 1
+            assert [v["unet_name"] for v in _values(workflow, "UNETLoader", object_info)] == [
+                "z_image_turbo_bf16.safetensors"]
+            assert _values(workflow, "CLIPLoader", object_info) == [
+                {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}]
+            assert [v["vae_name"] for v in _values(workflow, "VAELoader", object_info)] == ["ae.safetensors"]
+            assert _values(workflow, "ModelSamplingAuraFlow", object_info) == [{"shift": 3.0}]
+            assert {(v["steps"], v["cfg"], v["sampler_name"], v["scheduler"])
+                    for v in _values(workflow, "KSampler", object_info)} == {(9, 1.0, "res_multistep", "simple")}
+            assert not _nodes_of(workflow, "FluxGuidance") and _nodes_of(workflow, "EmptySD3LatentImage")
+        elif "klein" in path.stem:   # FLUX.2 Klein base: Qwen3-4B as "flux2", no guidance input
+            assert [v["unet_name"] for v in _values(workflow, "UNETLoader", object_info)] == [
+                "flux-2-klein-base-4b.safetensors"]
+            assert _values(workflow, "CLIPLoader", object_info) == [
+                {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}]
+            assert [v["vae_name"] for v in _values(workflow, "VAELoader", object_info)] == ["flux2-vae.safetensors"]
+            assert _values(workflow, "Flux2Scheduler", object_info) == [{"steps": 20, "width": 1024, "height": 1024}]
+            assert _values(workflow, "EmptyFlux2LatentImage", object_info) == [
+                {"width": 1024, "height": 1024, "batch_size": 1}]
+            guiders = _values(workflow, "CFGGuider", object_info)
+            assert len(guiders) == len(_nodes_of(workflow, "SamplerCustomAdvanced")) >= 3
+            assert {v["cfg"] for v in guiders} == {5.0}
+            assert not _nodes_of(workflow, "FluxGuidance") and not _nodes_of(workflow, "KSampler")
+        elif "flux" in path.stem:
             assert [v["unet_name"] for v in _values(workflow, "UNETLoader", object_info)] == ["flux1-dev.safetensors"]
             assert _values(workflow, "DualCLIPLoader", object_info) == [
                 {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux",
@@ -310,10 +348,13 @@ def test_paper_settings_in_the_trainers(object_info):
             assert values["learning_rate"] == 1e-4 and values["batch_size"] == 1
             if values["variant"] == "LoRA":  # the paper's baseline: 500 steps (Appendix B)
                 assert values["steps"] == 500 and values["rank"] == 64
-            elif "flux" in name:  # the reference FLUX recipe: rank 32, vanilla T-LoRA
+            elif "flux" in name:  # the reference FLUX recipe (FLUX.1, FLUX.2 Klein): rank 32, vanilla T-LoRA
                 assert (values["variant"], values["rank"], values["min_rank"]) == ("Vanilla T-LoRA", 32, 16)
             elif "qwen_image" in name:  # the pack's Qwen-Image recipe (the paper has none)
                 assert (values["variant"], values["rank"], values["min_rank"]) == ("T-LoRA", 16, 8)
+            elif "zimage" in name:  # the family's T-LoRA at rank 32, r_min = 50 %
+                assert (values["variant"], values["rank"], values["min_rank"], values["steps"]) == (
+                    "T-LoRA", 32, 16, 1000)
             else:  # T-LoRA: rank 64, r_min = 50 %, 800 steps
                 assert (values["variant"], values["rank"], values["min_rank"], values["steps"]) == (
                     "T-LoRA", 64, 32, 800)
@@ -321,7 +362,7 @@ def test_paper_settings_in_the_trainers(object_info):
 
 @pytest.mark.comfy
 @pytest.mark.server
-@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+@pytest.mark.parametrize("path", PATH_PARAMS)
 def test_prompts_come_from_the_paper(object_info, path):
     allowed = {p.replace("V*", TOKEN) for p in PAPER_LIVE_SET} | {TRAIN_PROMPT, ""}
     texts = [v["text"] for v in _values(load_workflow(path), "CLIPTextEncode", object_info)]
@@ -341,9 +382,8 @@ def test_generate_workflows_load_what_the_train_workflows_save():
 def tiny_prompt(workflow: dict, object_info: dict) -> tuple[dict, str]:
     """The workflow in API format with tiny stand-ins and a few steps (see the constants above)."""
     prompt = to_api(workflow, object_info)
-    family = "flux" if any(n["class_type"] == "UNETLoader" for n in prompt.values()) else "sdxl"
-    family = next((CLIP_TYPE_FAMILIES[n["inputs"]["type"]] for n in prompt.values()
-                   if n["class_type"] == "CLIPLoader" and n["inputs"].get("type") in CLIP_TYPE_FAMILIES), family)
+    family = next((TINY_FAMILY_OF_UNET[n["inputs"]["unet_name"]] for n in prompt.values()
+                   if n["class_type"] == "UNETLoader"), "sdxl")
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind in SWAPS:
@@ -355,7 +395,9 @@ def tiny_prompt(workflow: dict, object_info: dict) -> tuple[dict, str]:
                           save_every=SAVE_EVERY if inputs["save_every"] else 0)
         elif kind == "KSampler":
             inputs["steps"] = SAMPLE_STEPS
-        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage", "ImageScale"):
+        elif kind == "Flux2Scheduler":   # its sigmas depend on the image size
+            inputs.update(steps=SAMPLE_STEPS, width=TINY_SIZE, height=TINY_SIZE)
+        elif kind in ("EmptyLatentImage", "EmptySD3LatentImage", "EmptyFlux2LatentImage", "ImageScale"):
             inputs.update(width=TINY_SIZE, height=TINY_SIZE)
     return prompt, family
 
@@ -393,11 +435,13 @@ def runtime_dirs(comfy, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(runtime_dirs, object_info):
-    """Run every workflow once (train workflows first: the generate ones load their files)."""
-    from comfy_runtime import run_prompt
+    """Run every workflow this ComfyUI runs once (train workflows first: the generate ones load
+    their files)."""
+    from comfy_runtime import comfyui_version, run_prompt
 
     results = {}
-    for name in sorted(NAMES, key=lambda n: n not in TRAIN_WORKFLOWS):
+    runnable = [name for name in NAMES if comfyui_version() in (workflow_runtimes(name) or [comfyui_version()])]
+    for name in sorted(runnable, key=lambda n: n not in TRAIN_WORKFLOWS):
         prompt, family = tiny_prompt(load_workflow(WORKFLOW_DIR / f"{name}.json"), object_info)
         executor, server = run_prompt(prompt)
         results[name] = {"prompt": prompt, "family": family, "executor": executor, "server": server}
@@ -421,14 +465,14 @@ def _error_report(run: dict) -> str:
 
 @pytest.mark.comfy
 @pytest.mark.server
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAME_PARAMS)
 def test_workflow_runs_and_saves_images(runs, runtime_dirs, name):
     run = runs[name]
     assert run["executor"].success, _error_report(run)
     images = _saved_images(run)
     assert len(images) == 1
     batch = next(iter(images.values()))
-    prompts = sum(1 for n in run["prompt"].values() if n["class_type"] == "KSampler")
+    prompts = sum(1 for n in run["prompt"].values() if n["class_type"] in ("KSampler", "SamplerCustomAdvanced"))
     if "vs" in name:  # one grid: rows of LoRA | T-LoRA with 16 px white gaps
         assert batch.shape == (1, 3 * TINY_SIZE + 2 * 16, 2 * TINY_SIZE + 16, 3)
     else:
@@ -446,7 +490,7 @@ def test_workflow_runs_and_saves_images(runs, runtime_dirs, name):
 
 @pytest.mark.comfy
 @pytest.mark.server
-@pytest.mark.parametrize("name", TRAIN_WORKFLOWS)
+@pytest.mark.parametrize("name", TRAIN_PARAMS)
 def test_train_workflows_save_their_files(runs, runtime_dirs, name):
     run = runs[name]
     assert run["executor"].success, _error_report(run)

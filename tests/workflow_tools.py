@@ -33,6 +33,25 @@ MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
 UPLOAD_SLOT_TYPE = "IMAGEUPLOAD"
 
 
+def workflow_runtimes(name: str) -> tuple[str, ...] | None:
+    """The ComfyUI versions that run the shipped workflow ``name`` (None: every supported one).
+    The FLUX.2 Klein workflow runs where Klein loads (family_configs: the klein-4b real config)."""
+    if "klein" not in name:
+        return None
+    import family_configs
+
+    return family_configs.real_size_runtimes("flux2", "klein-4b")
+
+
+def runtime_marks(name: str) -> list:
+    """The pytest marks of a test of workflow ``name``: ``runtimes`` (conftest deselects the test on
+    other versions) where only some ComfyUI versions run it."""
+    import pytest
+
+    versions = workflow_runtimes(name)
+    return [pytest.mark.runtimes(*versions)] if versions else []
+
+
 @dataclass(frozen=True)
 class InputSpec:
     name: str

@@ -6,9 +6,9 @@ DualCLIPLoader, CLIPLoader, VAELoader) and CLIPTextEncode for these nodes, which
 the same ComfyUI types:
 
 - MODEL: ComfyUI's own SDXL / FLUX classes at tiny widths (``comfy_runtime.build_model``);
-- VAE: a real ``comfy.sd.VAE`` around a tiny AutoencoderKL (8x down-scaling like the real ones,
-  4 latent channels for SDXL, 16 for FLUX) with seeded weights; for Qwen-Image a tiny Wan 2.1 VAE
-  (5-D latents);
+- VAE: a real ``comfy.sd.VAE`` around a tiny AutoencoderKL (the real ones' down-scaling and
+  latent channels: 8x with 4 for SDXL, 16 for FLUX; 16x with 128 for FLUX.2) with seeded weights;
+  for Qwen-Image a tiny Wan 2.1 VAE (5-D latents);
 - CLIP + CLIPTextEncode: conditioning of the tiny models' widths, seeded by the prompt text, in
   ComfyUI's conditioning format (so FluxGuidance, samplers and the trainer treat it as real).
 
@@ -44,16 +44,20 @@ def _text_seed(text: str) -> int:
 
 
 def build_tiny_vae(family: str, seed: int = 0):
-    """A real comfy.sd.VAE with a tiny AutoencoderKL of the family's latent channel count, or for
-    families with 5-D latents (Qwen-Image) a tiny Wan 2.1 VAE (:func:`build_tiny_wan_vae`)."""
+    """A real comfy.sd.VAE with a tiny AutoencoderKL of the family's latent channel count and
+    scale: 16x for FLUX.2's 128 channels (its VAE's 32 channels patchified 2 x 2, as
+    EmptyFlux2LatentImage sizes latents), 8x otherwise; for families with 5-D latents (Qwen-Image)
+    a tiny Wan 2.1 VAE (:func:`build_tiny_wan_vae`)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    if comfy_runtime.families.get(family).latent_ndim == 5:
+    if comfy_runtime.family_spec(family).latent_ndim == 5:
         return build_tiny_wan_vae(seed)
     channels = comfy_runtime.latent_channels(family)
+    scale = 16 if channels == 128 else 8
+    levels = scale.bit_length()   # each level after the first halves the size
     ddconfig = {"double_z": True, "z_channels": channels, "resolution": 256, "in_channels": 3,
-                "out_ch": 3, "ch": _VAE_CHANNELS, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                "out_ch": 3, "ch": _VAE_CHANNELS, "ch_mult": [1] * levels, "num_res_blocks": 1,
                 "attn_resolutions": [], "dropout": 0.0}
     params = {"ddconfig": ddconfig, "embed_dim": channels}
     gen = torch.Generator().manual_seed(seed)
@@ -62,6 +66,7 @@ def build_tiny_vae(family: str, seed: int = 0):
     # fp32: ComfyUI would pick bf16 on some CPUs, which is many times slower there.
     vae = comfy.sd.VAE(sd=state, config={"params": params}, dtype=torch.float32)
     vae.latent_channels = channels
+    vae.downscale_ratio = vae.upscale_ratio = scale
     return vae
 
 
