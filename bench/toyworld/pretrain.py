@@ -82,7 +82,7 @@ def pretrain(steps: int, batch: int, seed: int, lr: float, out: Path, log_every:
             decay = min(0.999, (1 + step) / (10 + step))
             for k, v in unet.state_dict().items():
                 ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % log_every == 0:
             history.append({"step": step + 1, "loss": running / log_every,
                             "seconds": round(time.time() - started, 1)})
