@@ -294,20 +294,23 @@ def test_loss_weights_resize_and_reject_bad_masks(tr):
         tr.inputs.loss_weights(torch.zeros(8, 12), samples)
 
 
-
-def test_five_dimensional_latents_weight_every_frame_alike(tr):
-    # Qwen-Image's (B, C, T, H, W) latents: the mask weighs each frame, the MSE stays the one
-    # inside the mask (over channels and frames).
-    samples = torch.zeros(2, 4, 3, 8, 12)
+def test_5d_latents_get_one_frame_weights_and_the_same_masked_loss(tr):
+    # Wan 2.1 VAE latents (images, channels, 1 frame, h, w): the mask weighs every channel and
+    # frame of its image, and the masked loss is the 4-D one of the same values.
+    samples = torch.zeros(2, 16, 1, 8, 12)
     pixel = torch.zeros(64, 96)
     pixel[:, :48] = 1
-    w = tr.inputs.loss_weights(pixel, samples)
-    assert w.shape == (2, 1, 1, 8, 12)
-    assert w[..., :6].eq(1).all() and w[..., 6:].eq(0).all()
-    pred, target = torch.randn(samples.shape), torch.randn(samples.shape)
+    w5 = tr.inputs.loss_weights(pixel, samples)
+    assert w5.shape == tr.inputs.latent_weight_shape(samples) == (2, 1, 1, 8, 12)
+    w4 = tr.inputs.loss_weights(pixel, samples[:, :, 0])
+    assert torch.equal(w5[:, :, 0], w4)
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 1, 8, 12, generator=gen), torch.randn(2, 16, 1, 8, 12, generator=gen)
+    torch.testing.assert_close(tr.objective.weighted_mse(pred, target, w5),
+                               tr.objective.weighted_mse(pred[:, :, 0], target[:, :, 0], w4))
     inside = ((pred - target) ** 2)[..., :6].mean()
-    torch.testing.assert_close(tr.objective.weighted_mse(pred, target, w), inside)
-    torch.testing.assert_close(tr.objective.weighted_mse(pred, target), ((pred - target) ** 2).mean())
+    torch.testing.assert_close(tr.objective.weighted_mse(pred, target, w5), inside)
+
 
 def test_state_file_roundtrip_restores_adapters_and_optimizer(tr, tmp_path):
     targets = [tr.targets.TrainTarget("a", None, 12, 10), tr.targets.TrainTarget("b", (0, 6), 18, 10)]

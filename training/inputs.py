@@ -122,8 +122,7 @@ def check_numbers(steps: int, batch_size: int, learning_rate: float, save_every:
 
 def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: int = 8) -> torch.Tensor | None:
     """The subject MASK as per-image loss weights at latent size, or None: (N, 1, h, w) for 4-D
-    latents, (N, 1, 1, h, w) for 5-D ones (the same weights for every frame), so that they
-    broadcast over the latent.
+    latents, (N, 1, 1, h, w) for 5-D ones (:func:`latent_weight_shape`), broadcastable on them.
 
     The mask must have the image's size (latent size x ``downscale``) or the latent's size, and
     one mask for all images or one per image. Resized by area averaging (soft edges stay soft).
@@ -148,16 +147,23 @@ def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: in
     empty = [i for i in range(n) if float(m[i].sum()) <= 0]
     if empty:
         raise ValueError(f"the mask is empty for image(s) {empty}: mark the subject (white = train)")
-    return m.reshape(n, 1, *([1] * (samples.ndim - 4)), h, w)
+    return m.reshape(latent_weight_shape(samples))
+
+
+def latent_weight_shape(samples: torch.Tensor) -> tuple[int, ...]:
+    """The shape of per-image, per-pixel weights on ``samples``: (N, 1, h, w), or (N, 1, 1, h, w)
+    for 5-D latents (B, C, T, H, W) such as the Wan 2.1 VAE's (Qwen-Image, Krea 2, Anima)."""
+    n, h, w = samples.shape[0], *samples.shape[-2:]
+    return (n, 1, *([1] * (samples.ndim - 4)), h, w)
 
 
 @dataclass
 class TrainingData:
     """Everything the loop draws from, as ordinary (non-inference) tensors."""
 
-    latents: torch.Tensor                  # (N, C, H, W) or (N, C, T, H, W) float32, model space
+    latents: torch.Tensor                  # (N, C, H, W) / (N, C, T, H, W) float32, model space
     conds: list[dict]                      # per image: {apply_model kwarg: CONDRegular, batch 1}
-    weights: torch.Tensor | None           # (N, 1, H, W) or (N, 1, 1, H, W) loss weights or None
+    weights: torch.Tensor | None           # latent_weight_shape loss weights or None
 
     @property
     def images(self) -> int:
