@@ -5,7 +5,8 @@ Run on a runtime:  .runtime/0.3.75/venv/bin/python scripts/family_table.py
 Each family's real config (``Family.real_config``) is built from ComfyUI's own classes on the meta
 device; its target layers, adapter count and adapter parameters at the family's default rank are
 counted from that model, its timestep rule and shift from its own model sampling. One row per
-family the running ComfyUI has; ``tests/test_families.py`` checks the README holds these rows.
+family the running ComfyUI has (run it on both runtimes: Krea 2 and Anima rows come from 0.33);
+``tests/test_families.py`` checks the README holds these rows.
 """
 
 from __future__ import annotations
@@ -63,7 +64,16 @@ def row(family_id: str) -> str:
     return (f"| {family.label} (`{family.id}`) | {classes} | {_layers(targets)} | {_timestep(family, model)} "
             f"| {recipe.variant}, rank {recipe.rank}, min_rank {min_rank} | {len(targets)} adapters, "
             f"{params / 1e6:.1f} M params, {memory:.0f} MiB to train | "
-            f"{', '.join(family_configs.TINY[family_id].runtimes)} |")
+            f"{_runtimes(family, family_configs.TINY[family_id].runtimes)} |")
+
+
+def _runtimes(family, versions) -> str:
+    tested = ", ".join(versions)
+    if family.min_comfyui is None:
+        return tested
+    since = ".".join(family.min_comfyui.split(".")[:2])
+    classes = " / ".join(f"`{c}`" for c in family.model_classes)
+    return f"{tested} ({since} only: older ComfyUI has no {classes})"
 
 
 HEADER = ("| Family | ComfyUI class | Target layers (attention) | Timestep for the rank schedule | Defaults "
@@ -71,10 +81,13 @@ HEADER = ("| Family | ComfyUI class | Target layers (attention) | Timestep for t
 
 
 def rows() -> list[str]:
+    """The rows of the families this ComfyUI has (the others' tiny configs leave it out)."""
     import comfy_runtime
+    import family_configs
 
     comfy_runtime.bootstrap()
-    return [row(f) for f in comfy_runtime.families.ids()]
+    version = comfy_runtime.comfyui_version()
+    return [row(f) for f in comfy_runtime.families.ids() if family_configs.runs_here(f, version)]
 
 
 def main() -> None:

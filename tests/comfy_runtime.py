@@ -182,11 +182,12 @@ def build_model(family: str, config: dict[str, Any] | None = None, seed: int = 0
 
 
 def fake_conditioning(family: str, batch: int = 1, seed: int = 1, tokens: int = 8,
-                      context_dim: int = 32, pooled_dim: int = 32) -> list:
-    """Conditioning in ComfyUI's format with random embeddings of the tiny models' widths."""
+                      context_dim: int | None = None, pooled_dim: int = 32) -> list:
+    """Conditioning in ComfyUI's format with random embeddings of the tiny models' widths
+    (``context_dim`` None: the tiny config's ``context_width``)."""
     gen = torch.Generator().manual_seed(seed)
     tiny = family_configs.TINY[family]
-    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, context_dim, generator=gen)
+    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, context_dim or tiny.context_width, generator=gen)
     # A text encoder without a pooled vector gives None (0.3.75's Flux classes read the key).
     pooled = torch.randn(batch, pooled_dim, generator=gen) if family_spec(family).pooled_output else None
     extra = {"pooled_output": pooled, **tiny.cond_extra}
@@ -197,11 +198,12 @@ def latent_channels(family: str) -> int:
     return family_spec(family).latent_channels
 
 
-def latent_shape(family: str, batch: int, size: int) -> tuple[int, ...]:
-    """A square image latent's shape: (batch, C, size, size), or (batch, C, 1, size, size) for
-    families with 5-D (B, C, T, H, W) latents (Qwen-Image's Wan 2.1 latents: one frame)."""
-    frames = (1,) if family_spec(family).latent_ndim == 5 else ()
-    return (batch, latent_channels(family), *frames, size, size)
+def latent_shape(family: str, batch: int, height: int, width: int | None = None) -> tuple[int, ...]:
+    """The shape of a ``family`` LATENT's samples: (B, C, H, W), or (B, C, 1, H, W) for 5-D
+    families (``Family.latent_ndim``: the Wan 2.1 VAE's one-frame latents)."""
+    spec = family_spec(family)
+    frames = (1,) * (spec.latent_ndim - 4)
+    return (batch, spec.latent_channels, *frames, height, width or height)
 
 
 def sample(model, family: str, steps: int = 4, seed: int = 0, size: int = 32, batch: int = 1,

@@ -55,7 +55,9 @@ def _family_params() -> list:
 @pytest.fixture(params=_family_params())
 def family(request) -> str:
     """Every family the pack's registry knows and each tiny variant of one (FLUX.2 Klein): a key of
-    family_configs.TINY (``family_configs.registry_id`` gives the pack's family id)."""
+    family_configs.TINY (``family_configs.registry_id`` gives the pack's family id). Those whose
+    model classes this ComfyUI lacks (Krea 2 and Anima before 0.33) are deselected (their
+    ``runtimes`` mark)."""
     return request.param
 
 
@@ -73,17 +75,21 @@ def real_size(request) -> tuple[str, str | None]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     """Deselect (not skip) the tests the running ComfyUI cannot run: real-size tests of models it
-    does not load, and tests marked ``runtimes`` without its version."""
+    does not load, tests marked ``runtimes`` without its version, and tests of a tiny family whose
+    ``runtimes`` lack it (Krea 2 and Anima before 0.33)."""
     import comfy_runtime
     import family_configs
 
     version = comfy_runtime.comfyui_version()
     keep, drop = [], []
     for item in items:
-        param = getattr(getattr(item, "callspec", None), "params", {}).get("real_size")
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        real, family = params.get("real_size"), params.get("family")
         marked = [mark.args for mark in item.iter_markers("runtimes")]
-        if param is not None and version not in family_configs.real_size_runtimes(*param) or \
-                any(version not in versions for versions in marked):
+        if (real is not None and version not in family_configs.real_size_runtimes(*real)) or \
+                any(version not in versions for versions in marked) or \
+                (isinstance(family, str) and family in family_configs.TINY and
+                 not family_configs.runs_here(family, version)):
             drop.append(item)
         else:
             keep.append(item)

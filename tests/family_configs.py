@@ -46,6 +46,10 @@ class TinyFamily:
     # The registry family this tiny model is a variant of (None: the TINY key is the family's id),
     # e.g. FLUX.2 Klein, a FLUX.2 without a guidance input. A variant has no real_targets of its own.
     variant_of: str | None = None
+    context_width: int = 32                    # width of the fake text conditioning
+    # The raw model's further inputs for a batch, drawn from a generator (Anima's T5 token ids
+    # and weights, which its conditioning carries as cond_extra): (batch, gen) -> kwargs.
+    extra_inputs: Callable[[int, Any], dict] = lambda batch, gen: {}
 
 
 TINY: dict[str, TinyFamily] = {
@@ -214,6 +218,10 @@ TINY["qwen_image"] = TinyFamily(
 def registry_id(tiny_id: str) -> str:
     """The pack's family id of the tiny model ``tiny_id`` (a TINY key: a family or a variant of one)."""
     return TINY[tiny_id].variant_of or tiny_id
+def runs_here(family: str, version: str) -> bool:
+    """Whether ``family``'s tests run on ComfyUI ``version`` (its tiny config's ``runtimes``);
+    the others are deselected at collection, as their model classes are absent there."""
+    return version in TINY[family].runtimes
 
 
 def real_sizes() -> list[tuple[str, str | None]]:
@@ -238,14 +246,15 @@ def real_size_targets(family: str, name: str | None) -> dict[str, int]:
 
 
 def raw_inputs(family: str, batch: int, gen, tokens: int = 8):
-    """``(context, extra kwargs)`` of a tiny model's raw forward: ``y`` and ``guidance`` where the
-    family has them (drawn from ``gen`` after the context), then the text token count where the
-    model takes it (Z-Image's ``num_tokens``)."""
+    """``(context, extra kwargs)`` of a tiny model's raw forward: the family's ``extra_inputs``
+    (Anima's T5 ids and weights), ``y`` and ``guidance`` where the family has them (drawn from
+    ``gen`` after the context), then the text token count where the model takes it (Z-Image's
+    ``num_tokens``)."""
     import torch
 
     tiny = TINY[family]
-    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, 32, generator=gen)
-    extra = {}
+    ctx = torch.randn(batch, tiny.fixed_tokens or tokens, tiny.context_width, generator=gen)
+    extra = tiny.extra_inputs(batch, gen)
     if tiny.y_width is not None:
         extra["y"] = torch.randn(batch, tiny.y_width, generator=gen)
     if tiny.guidance is not None:

@@ -75,8 +75,10 @@ def test_run_prompt_executes_a_real_graph(comfy):
 
 def test_real_size_models_deselected_here_do_not_load_here(comfy):
     """A real-size model whose tests this ComfyUI deselects (its tiny config's runtimes leave this
-    version out: FLUX.2 Klein on 0.3.75) really fails this runtime's checkpoint detection, so the
+    version out: FLUX.2 Klein on 0.3.75) really fails this runtime's checkpoint detection, or its
+    family's model class does not exist here at all (Krea 2, Anima on 0.3.75), so the
     deselection hides no model that works."""
+    from comfy import supported_models
     from comfy.model_detection import model_config_from_unet
 
     import family_configs
@@ -85,6 +87,9 @@ def test_real_size_models_deselected_here_do_not_load_here(comfy):
     version = runtime.comfyui_version()
     for family, name in family_configs.real_sizes():
         if version in family_configs.real_size_runtimes(family, name):
+            continue
+        if not family_configs.runs_here(family, version):
+            assert not hasattr(supported_models, family_configs.TINY[family].supported_model)
             continue
         # The state dict of the real shapes, built from ComfyUI's classes with the config given.
         state_dict = runtime.build_model(family, runtime.real_config(family, name),

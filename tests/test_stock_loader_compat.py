@@ -69,13 +69,14 @@ def trained_tlora(core, family: str, inventory: dict):
                                      "tlora")
 
 
-def model_inputs(family: str) -> tuple:
+def model_inputs(family: str) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a raw call of the tiny diffusion model on a batch of 2."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(comfy_runtime.latent_shape(family, 2, 8), generator=gen)
     flow = comfy_runtime.family_spec(family).timestep == "flow"
     t = torch.tensor([0.9, 0.05]) if flow else torch.tensor([999.0, 10.0])
     ctx, extra = family_configs.raw_inputs(family, 2, gen)
-    return (x, t, ctx, *extra.values())
+    return (x, t, ctx), extra
 
 
 def stock_warnings(caplog) -> list[str]:
@@ -107,20 +108,20 @@ def test_stock_loader_merges_our_file_as_the_full_rank_tlora(comfy, core, family
     assert stock_warnings(caplog) == []
     assert set(stock.patches) == set(node.patches) == patch_keys
 
-    x = model_inputs(family)
-    base = dm(*x)
+    args, kwargs = model_inputs(family)
+    base = dm(*args, **kwargs)
     state = core.masks.RankState()                      # no timesteps set: every rank active
     handles = core.apply.attach(dict(dm.named_modules()), weights.adapters, state, 1.0)
     try:
-        ours = dm(*x)
+        ours = dm(*args, **kwargs)
     finally:
         core.apply.detach(handles)
     stock.patch_model()
     try:
-        merged = stock.model.diffusion_model(*x)
+        merged = stock.model.diffusion_model(*args, **kwargs)
     finally:
         stock.unpatch_model()
-    assert torch.equal(dm(*x), base)                    # both paths restored the model exactly
+    assert torch.equal(dm(*args, **kwargs), base)       # both paths restored the model exactly
 
     scale = base.abs().max()
     effect, error = float((ours - base).abs().max()), float((merged - ours).abs().max())
@@ -141,14 +142,14 @@ def test_our_loader_reads_the_same_file_back_on_the_real_model(comfy, core, fami
     path = core.write.save_tlora(tmp_path / "t.safetensors", weights, inventory=inventory)
     loaded = core.read.load_tlora_file(path, inventory)
     assert loaded.warnings == [] and loaded.adapters.keys() == weights.adapters.keys()
-    x = model_inputs(family)
+    args, kwargs = model_inputs(family)
     outputs = []
     for w in (weights, loaded):
         state = core.masks.RankState()
         handles = core.apply.attach(dict(dm.named_modules()), w.adapters, state, 1.0)
         try:
             with state.at(torch.tensor([999.0, 10.0])):     # masked: per-sample ranks 2 and 3..4
-                outputs.append(dm(*x))
+                outputs.append(dm(*args, **kwargs))
         finally:
             core.apply.detach(handles)
     assert torch.equal(outputs[0], outputs[1])          # identical factors -> identical output

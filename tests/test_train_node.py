@@ -172,8 +172,11 @@ def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir, family)
 
 
 def _graph(family: str, steps: int) -> dict:
-    channels = comfy_runtime.family_spec(family).latent_channels
-    empty_latent = "EmptyLatentImage" if channels == 4 else "EmptySD3LatentImage"
+    spec = comfy_runtime.family_spec(family)
+    # A one-frame video latent (B, 16, 1, h, w) for the 5-D families.
+    empty_latent = "EmptyHunyuanLatentVideo" if spec.latent_ndim == 5 else \
+        "EmptyLatentImage" if spec.latent_channels == 4 else "EmptySD3LatentImage"
+    frames = {"length": 1} if spec.latent_ndim == 5 else {}
     return {
         "1": {"class_type": "TLoRATestTinyCheckpointLoader", "inputs": {"family": family}},
         "2": {"class_type": "TLoRATestTinyTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks dog"}},
@@ -182,7 +185,7 @@ def _graph(family: str, steps: int) -> dict:
         "5": {"class_type": "TLoRATrain", "inputs": {
             "model": ["1", 0], "latents": ["4", 0], "positive": ["2", 0],
             **{**DEFAULTS, "steps": steps, "file_name": f"graph_{family}"}}},
-        "6": {"class_type": empty_latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "6": {"class_type": empty_latent, "inputs": {"width": 64, "height": 64, "batch_size": 1, **frames}},
         "7": {"class_type": "KSampler", "inputs": {
             "model": ["5", 0], "seed": 0, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
             "scheduler": "normal", "positive": ["2", 0], "negative": ["2", 0], "latent_image": ["6", 0],

@@ -8,7 +8,7 @@ the same ComfyUI types:
 - MODEL: ComfyUI's own SDXL / FLUX classes at tiny widths (``comfy_runtime.build_model``);
 - VAE: a real ``comfy.sd.VAE`` around a tiny AutoencoderKL (the real ones' down-scaling and
   latent channels: 8x with 4 for SDXL, 16 for FLUX; 16x with 128 for FLUX.2) with seeded weights;
-  for Qwen-Image a tiny Wan 2.1 VAE (5-D latents);
+  for the 5-D latent families (Qwen-Image, Krea 2, Anima) a tiny Wan 2.1 VAE;
 - CLIP + CLIPTextEncode: conditioning of the tiny models' widths, seeded by the prompt text, in
   ComfyUI's conditioning format (so FluxGuidance, samplers and the trainer treat it as real).
 
@@ -46,7 +46,7 @@ def _text_seed(text: str) -> int:
 def build_tiny_vae(family: str, seed: int = 0):
     """A real comfy.sd.VAE with a tiny AutoencoderKL of the family's latent channel count and
     scale: 16x for FLUX.2's 128 channels (its VAE's 32 channels patchified 2 x 2, as
-    EmptyFlux2LatentImage sizes latents), 8x otherwise; for families with 5-D latents (Qwen-Image)
+    EmptyFlux2LatentImage sizes latents), 8x otherwise; for families with 5-D latents (Qwen-Image, Krea 2, Anima)
     a tiny Wan 2.1 VAE (:func:`build_tiny_wan_vae`)."""
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
