@@ -215,9 +215,25 @@ TINY["qwen_image"] = TinyFamily(
     cond_extra={})
 
 
+TINY["krea2"] = TinyFamily(
+    # Width 64, 2 query heads of 32 (rope axes 8 + 12 + 12) and 1 key / value head, 2 blocks; the
+    # text fusion over 3 stacked layers of 32 (the released model: 12 of 2560).
+    supported_model="Krea2", fixed_tokens=None, context_width=3 * 32, runtimes=("0.33.0",),
+    # Krea 2: 28 blocks x wq, wk, wv, wo; ff adds the SwiGLU's gate, up, down.
+    real_targets={"attention": 28 * 4, "attention+ff": 28 * 7},
+    config={
+        "image_model": "krea2", "features": 64, "heads": 2, "kvheads": 1, "multiplier": 4,
+        "layers": 2, "patch": 2, "channels": 16, "txtdim": 32, "txtlayers": 3, "txtheads": 2,
+        "txtkvheads": 2,
+    },
+    cond_extra={})
+
+
 def registry_id(tiny_id: str) -> str:
     """The pack's family id of the tiny model ``tiny_id`` (a TINY key: a family or a variant of one)."""
     return TINY[tiny_id].variant_of or tiny_id
+
+
 def runs_here(family: str, version: str) -> bool:
     """Whether ``family``'s tests run on ComfyUI ``version`` (its tiny config's ``runtimes``);
     the others are deselected at collection, as their model classes are absent there."""

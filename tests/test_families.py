@@ -397,3 +397,63 @@ def test_the_tiny_klein_variant_is_flux2_without_a_guidance_input(comfy):
     has_guidance = [any(name.startswith("guidance_in.") for name, _ in m.diffusion_model.named_parameters())
                     for m in (klein, dev)]
     assert has_guidance == [False, True]
+
+
+# Families whose diffusion model holds a text module with the blocks' own sub-names: the prefix of
+# those Linears and the real size's count of them. Krea 2's text fusion: 2 layer-wise + 2 refiner
+# blocks x (wq, wk, wv, gate, wo, mlp gate / up / down) + the projector.
+TEXT_MODULES = {"krea2": ("txtfusion.", 4 * 8 + 1)}
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", sorted(TEXT_MODULES))
+@pytest.mark.parametrize("scope", ["attention", "attention+ff"])
+def test_text_modules_inside_the_model_are_never_targets(comfy, family, scope):
+    """Some of their Linears end like the targets (``attn.wq``): only the
+    rules' ``^blocks.`` anchor keeps them out, on the real-size model."""
+    import re
+
+    prefix, count = TEXT_MODULES[family]
+    spec = families.get(family)
+    inventory = _inventory(comfy.build_model(family, comfy.real_config(family), device="meta").diffusion_model)
+    inside = [name for name in inventory if name.startswith(prefix)]
+    assert len(inside) == count
+    unanchored = [re.compile(rule.pattern.removeprefix("^")) for rule in spec.layers
+                  if rule.scope == "attention" or scope == "attention+ff"]
+    assert any(p.search(name) for p in unanchored for name in inside)   # the trap is real
+    targets = spec.targets(inventory, scope)
+    assert targets and not any(t.module.startswith(prefix) for t in targets)
+    assert all(t.module.startswith("blocks.") for t in targets)
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", ["krea2"])
+def test_krea2_diffusers_names_are_comfyuis(comfy, family):
+    """Krea 2's diffusers spellings (``transformer_blocks.N.attn.to_q`` ..., ``ff.gate`` ...) land
+    on the modules ComfyUI's own key map gives them, and cover every attention+ff target."""
+    from comfy.lora import model_lora_keys_unet
+
+    model = comfy.build_model(family)
+    key_map = model_lora_keys_unet(model.model, {})
+    inventory = _inventory(model.model.diffusion_model)
+    ours = families.get(family).foreign_names(inventory)
+    assert {t.module for t in ours.values()} == {t.module for t in families.get(family).targets(inventory, "attention+ff")}
+    for name, target in ours.items():
+        assert target.out_rows is None
+        assert key_map[f"transformer.{name}"] == f"diffusion_model.{target.module}.weight", name
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("family", ["krea2"])
+def test_5d_latent_families_refuse_a_4d_latent(comfy, family, pack):
+    """Their VAE's latents are (images, 16, frames, h, w); an image latent of another VAE is refused
+    with the expected layout, the 5-D one accepted."""
+    import torch
+    from comfyui_tlora.training import inputs
+
+    model = comfy.build_model(family).model
+    spec = inputs.family_of(model)
+    assert spec.latent_ndim == 5 and model.latent_format.latent_dimensions == 3
+    with pytest.raises(ValueError, match=r"expects \(images, channels, frames, height, width\)"):
+        inputs.latent_samples({"samples": torch.zeros(1, 16, 8, 8)}, model, spec)
+    assert inputs.latent_samples({"samples": torch.zeros(1, 16, 1, 8, 8)}, model, spec).shape == (1, 16, 1, 8, 8)
