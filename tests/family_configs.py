@@ -229,6 +229,47 @@ TINY["krea2"] = TinyFamily(
     cond_extra={})
 
 
+ANIMA_T5_TOKENS = 5
+
+
+def _t5_inputs(batch: int, gen) -> dict:
+    # What Anima's model class makes of _anima_cond_extra for a batch: (B, N) ids, (B, N, 1) weights.
+    import torch
+
+    return {"t5xxl_ids": torch.randint(0, 32128, (batch, ANIMA_T5_TOKENS), generator=gen),
+            "t5xxl_weights": torch.ones(batch, ANIMA_T5_TOKENS, 1)}
+
+
+def _anima_cond_extra() -> dict:
+    # Per prompt as Anima's text encoder gives them: 1-D T5 token ids (ComfyUI's model class adds
+    # the batch axis) and their weights.
+    import torch
+
+    return {"t5xxl_ids": torch.arange(3, 3 + ANIMA_T5_TOKENS), "t5xxl_weights": torch.ones(ANIMA_T5_TOKENS)}
+
+
+TINY["anima"] = TinyFamily(
+    # Cosmos-Predict2 at width 64 (2 heads), 2 blocks, as ComfyUI's detection fills the rest. The
+    # text adapter has fixed widths (ComfyUI builds it at full size, 0.14 B parameters), so the
+    # conditioning stays 1024 wide.
+    supported_model="Anima", fixed_tokens=None, context_width=1024, runtimes=("0.33.0",),
+    extra_inputs=_t5_inputs,
+    # Anima: 28 blocks x (self and cross attention: q, k, v, output); ff adds mlp.layer1 / layer2.
+    real_targets={"attention": 28 * 8, "attention+ff": 28 * 10},
+    config={
+        "image_model": "anima", "max_img_h": 32, "max_img_w": 32, "max_frames": 4, "in_channels": 16,
+        "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1, "model_channels": 64,
+        "concat_padding_mask": True, "crossattn_emb_channels": 1024, "pos_emb_cls": "rope3d",
+        "pos_emb_learnable": True, "pos_emb_interpolation": "crop", "min_fps": 1, "max_fps": 30,
+        "use_adaln_lora": True, "adaln_lora_dim": 16, "num_blocks": 2, "num_heads": 2,
+        "extra_per_block_abs_pos_emb": False, "rope_h_extrapolation_ratio": 4.0,
+        "rope_w_extrapolation_ratio": 4.0, "rope_t_extrapolation_ratio": 1.0,
+        "extra_h_extrapolation_ratio": 1.0, "extra_w_extrapolation_ratio": 1.0,
+        "extra_t_extrapolation_ratio": 1.0, "rope_enable_fps_modulation": False,
+    },
+    cond_extra=_anima_cond_extra())
+
+
 def registry_id(tiny_id: str) -> str:
     """The pack's family id of the tiny model ``tiny_id`` (a TINY key: a family or a variant of one)."""
     return TINY[tiny_id].variant_of or tiny_id

@@ -401,15 +401,16 @@ def test_the_tiny_klein_variant_is_flux2_without_a_guidance_input(comfy):
 
 # Families whose diffusion model holds a text module with the blocks' own sub-names: the prefix of
 # those Linears and the real size's count of them. Krea 2's text fusion: 2 layer-wise + 2 refiner
-# blocks x (wq, wk, wv, gate, wo, mlp gate / up / down) + the projector.
-TEXT_MODULES = {"krea2": ("txtfusion.", 4 * 8 + 1)}
+# blocks x (wq, wk, wv, gate, wo, mlp gate / up / down) + the projector; Anima's Qwen3 text adapter:
+# 6 blocks x (self and cross attention q / k / v / o_proj, mlp.0 / mlp.2) + the out projection.
+TEXT_MODULES = {"krea2": ("txtfusion.", 4 * 8 + 1), "anima": ("llm_adapter.", 6 * 10 + 1)}
 
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("family", sorted(TEXT_MODULES))
 @pytest.mark.parametrize("scope", ["attention", "attention+ff"])
 def test_text_modules_inside_the_model_are_never_targets(comfy, family, scope):
-    """Some of their Linears end like the targets (``attn.wq``): only the
+    """Some of their Linears end like the targets (``attn.wq``, ``self_attn.q_proj``): only the
     rules' ``^blocks.`` anchor keeps them out, on the real-size model."""
     import re
 
@@ -444,7 +445,7 @@ def test_krea2_diffusers_names_are_comfyuis(comfy, family):
 
 
 @pytest.mark.comfy
-@pytest.mark.parametrize("family", ["krea2"])
+@pytest.mark.parametrize("family", ["krea2", "anima"])
 def test_5d_latent_families_refuse_a_4d_latent(comfy, family, pack):
     """Their VAE's latents are (images, 16, frames, h, w); an image latent of another VAE is refused
     with the expected layout, the 5-D one accepted."""

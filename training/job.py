@@ -23,7 +23,7 @@ from ..tlora_core.families import Family
 from ..tlora_core.files.write import save_tlora
 from ..tlora_core.inventory import inventory_from_module
 from ..tlora_core.schedule import AUTO_MIN_RANK, default_min_rank
-from . import inputs, lora_folder, report
+from . import inputs, lora_folder, report, runtime_fixes
 from . import state as state_io
 from .loop import COMPUTE_DTYPES, TrainConfig, train
 from .modules import adapter_key
@@ -80,6 +80,7 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
     base = model.model
     family = inputs.family_of(base)
     family_rule(family, model.get_model_object("model_sampling"))
+    runtime_fixes.resolve(family)
     inputs.check_numbers(config.steps, config.batch_size, config.learning_rate, config.save_every,
                          config.schedule_power)
     samples = inputs.latent_samples(latents, base, family)

@@ -5,7 +5,8 @@ tensors* as parameters and backward through them fails ("Inference tensors canno
 backward"). :func:`trainable_model` works around that without changing the MODEL:
 
 - ComfyUI's process-wide training switches are set for the run and restored on every exit
-  (:func:`comfy_training_flags`; they exist from ComfyUI 0.33 on);
+  (:func:`comfy_training_flags`; they exist from ComfyUI 0.33 on), and so are the ops the
+  family's recipe swaps for differentiable ones (:mod:`.runtime_fixes`: Anima's rotary embedding);
 - it trains on a ``clone()`` of the ModelPatcher (the caller's patcher gets no new patch), loaded
   through ComfyUI's own ``load_models_gpu`` so LoRAs merged upstream are part of the base. A
   dynamic-VRAM patcher (ComfyUI 0.33+ on a GPU) streams weights through a cache whose tensors can
@@ -40,6 +41,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..tlora_core import families
+from .runtime_fixes import runtime_fixes
 
 log = logging.getLogger(__name__)
 
@@ -209,8 +211,10 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("trainable_model needs torch.inference_mode(False) and torch.enable_grad()")
+    family = families.recognise(patcher.model)
     with ExitStack() as stack:
         stack.enter_context(comfy_training_flags())
+        stack.enter_context(runtime_fixes(family))
         train_patcher = _training_clone(patcher)
         if compute_dtype is not None:
             train_patcher.set_model_compute_dtype(compute_dtype)
@@ -228,8 +232,7 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         stack.callback(undo.undo)
         _freeze_parameters(dm, undo)
         wrapped, cloned = _make_backward_safe(dm, undo)
-        names = families.recognise(patcher.model).checkpoint_blocks
-        blocks = _install_checkpointing(dm, undo, names) if gradient_checkpointing else 0
+        blocks = _install_checkpointing(dm, undo, family.checkpoint_blocks) if gradient_checkpointing else 0
         log.debug("trainable model: %d inference weights wrapped, %d params cloned, %d blocks "
                   "checkpointed", wrapped, cloned, blocks)
         yield train_patcher

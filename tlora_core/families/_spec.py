@@ -85,6 +85,10 @@ class Recipe:
     why: str                     # one sentence per default, for the tooltips
     needs_checkpointing: bool = False   # blocks update tensors in place: backward needs it
     training_guidance: float | None = None  # distilled-guidance models train at this value
+    # ComfyUI ops swapped for the run (ids of ``training.runtime_fixes.FIXES``): a model whose
+    # forward calls a kernel without backward (Anima's fused RMS-norm + RoPE) trains through a
+    # differentiable implementation of the same op, put back on every exit.
+    runtime_fixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
