@@ -1,20 +1,33 @@
-"""Training memory of real-size SDXL and FLUX.1-dev, computed on torch's meta device (no weights).
+"""Peak training memory of real-size SDXL and FLUX.1-dev: a model computed on torch's meta device.
 
-What is computed exactly, from the real module shapes:
-- base weights (params x bytes of the chosen base dtype), and the trainer's adapter memory for the
-  recipe's variant and rank on the paper's attention targets (fp32 trainable factors, their
-  gradients, AdamW's two moments, and for Ortho variants the frozen init copies plus the per-step
-  factors ``[A; A - A0]``, ``[B S - B0 S0 | B0 S0]`` and their gradients, which the trainer builds
-  once per step: see ``training/modules.py``);
-- the bytes autograd saves for backward in one training forward (1024 x 1024 image, batch 1,
-  compute dtype bf16, the training prompt's token count), with and without per-block gradient
-  checkpointing, split into activations and attention matrices; and the activations of the
-  largest checkpointed block, i.e. what its recomputation adds at the peak of backward.
+``predict(family, image=..., checkpointing=..., attention=..., device=...)`` gives the peak tensor
+memory of a steady-state T-LoRA training step (AdamW's moments exist) and its parts. Computed
+exactly from the real module shapes (meta device, no weights):
 
-What stays an estimate (printed as such): GPU attention kernels (flash / memory-efficient SDPA)
-save no attention matrix, so those are left out of the totals; the CUDA context and allocator
-slack; the transient per-layer weight copies (bf16 casts of an fp8 base, or the copies that make
-inference-tensor weights usable by autograd), bounded here by one block's weights.
+- base weights (params x bytes of the base dtype) and the adapters' persistent state (fp32
+  trainable factors, AdamW's two moments, the Ortho variants' frozen init: ``adapter_memory``);
+- the step's Ortho factors ``[A; A - A0]``, ``[B S - B0 S0 | B0 S0]`` at the step's rank r(t)
+  (``keep_rank``, default the full rank), their gradients and the parameters' gradients;
+- what one training forward keeps for backward, by running the real model with the trainer's own
+  adapter hook (``training.modules``) on meta tensors, each storage counted once however many
+  ops save it: tensors saved outside checkpointed blocks, the block inputs a checkpoint keeps for
+  its recomputation, and what attention saves (``attention="efficient"``: PyTorch's flash kernel,
+  q, k, v, the output and the log-sum-exp, as the CPU's SDPA and the GPU's flash / memory-efficient
+  kernels keep; ``"math"``: math SDPA, which keeps the softmax's attention matrices);
+- the base weights that layers save for backward: a MODEL made by a ComfyUI loader has inference
+  tensors as weights, so the trainer hands each layer a fresh copy per forward
+  (``training.prepare``), and an fp8 base is cast to the compute dtype per forward; those copies
+  are what backward keeps (``inference_weights``);
+- with checkpointing, the largest block's recomputation in backward (its saved tensors and
+  weight copies, and its backward's working gradients: twice its largest saved tensor).
+
+The peak is the largest of four moments of a step: the end of forward (state + factors + saved),
+the largest recomputation in backward (what earlier blocks kept, the gradients of later blocks'
+adapters, and that block's saved tensors and working gradients), the end of backward (state + factors +
+their gradients + the parameters' gradients, built by the Ortho factors' backward at once) and
+the optimizer step. Measured against real-size CPU runs by ``bench/measure_memory.py``.
+
+Estimated, for ``device="gpu"`` only: the CUDA context and allocator slack (1 GiB).
 
     python bench/train_memory.py  ->  bench/results/train_memory.json (git-ignored)
 """
@@ -25,6 +38,7 @@ import collections
 import json
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,141 +49,279 @@ import torch  # noqa: E402
 import comfy_runtime  # noqa: E402
 
 GIB = 2 ** 30
-CONTEXT_OVERHEAD_GIB = 1.0   # CUDA context + allocator slack: an estimate, not computed
+CONTEXT_OVERHEAD_GIB = 1.0   # CUDA context + allocator slack (GPU only): an estimate, not computed
+COMPUTE_DTYPE = torch.bfloat16
 RECIPES = {"sdxl": ("tlora", 64, torch.bfloat16, 77), "flux": ("vanilla", 32, torch.float8_e4m3fn, 512)}
+ATTENTIONS = ("efficient", "math")
 log = logging.getLogger("train_memory")
 
 
-def _meta_inputs(family: str, tokens: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _meta_inputs(family: str, image: int, tokens: int, config: dict):
+    latent = image // 8
     with torch.device("meta"):
         if family == "sdxl":
-            return (torch.empty(1, 4, 128, 128, dtype=torch.bfloat16), torch.tensor([500.0]),
-                    {"context": torch.empty(1, tokens, 2048, dtype=torch.bfloat16),
-                     "y": torch.empty(1, 2816, dtype=torch.bfloat16)})
-        return (torch.empty(1, 16, 128, 128, dtype=torch.bfloat16), torch.tensor([0.5]),
-                {"context": torch.empty(1, tokens, 4096, dtype=torch.bfloat16),
-                 "y": torch.empty(1, 768, dtype=torch.bfloat16), "guidance": torch.tensor([1.0])})
+            return (torch.empty(1, config["in_channels"], latent, latent, dtype=COMPUTE_DTYPE),
+                    torch.tensor([500.0]),
+                    {"context": torch.empty(1, tokens, config["context_dim"], dtype=COMPUTE_DTYPE),
+                     "y": torch.empty(1, config["adm_in_channels"], dtype=COMPUTE_DTYPE)})
+        return (torch.empty(1, config["in_channels"], latent, latent, dtype=COMPUTE_DTYPE),
+                torch.tensor([0.5]),
+                {"context": torch.empty(1, tokens, config["context_in_dim"], dtype=COMPUTE_DTYPE),
+                 "y": torch.empty(1, config["vec_in_dim"], dtype=COMPUTE_DTYPE),
+                 "guidance": torch.tensor([1.0])})
 
 
-def _attach_meta_adapters(dm: torch.nn.Module, targets, rank: int) -> list[torch.nn.Parameter]:
-    """Trainable fp32 low-rank terms on the targets, as forward hooks (the trainer's structure)."""
-    params, groups = [], collections.defaultdict(list)
+def _attach_meta_adapters(dm: torch.nn.Module, targets, width: int, ortho: bool) -> list[torch.Tensor]:
+    """The trainer's own forward hook (``training.modules._training_hook``) on every target, with
+    step factors of ``width`` columns as meta tensors (at batch 1 no per-sample mask applies)."""
+    from comfyui_tlora.tlora_core.masks import RankState
+    from comfyui_tlora.training.modules import TrainableAdapter, _training_hook
+
+    factors, groups = [], collections.defaultdict(list)
     for t in targets:
-        down = torch.nn.Parameter(torch.empty(rank, t.in_features, device="meta"))
-        up = torch.nn.Parameter(torch.empty(t.rows, rank, device="meta"))
-        params += [down, up]
-        groups[t.module].append((t, down, up))
-
-    def hook(group):
-        def forward_hook(module, args, out):
-            x = args[0].float()
-            delta = torch.zeros(out.shape, device="meta")
-            for t, down, up in group:
-                start, stop = t.out_rows or (0, out.shape[-1])
-                part = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
-                delta = delta + torch.nn.functional.pad(part, (start, out.shape[-1] - stop))
-            return (out.float() + delta).to(out.dtype)
-        return forward_hook
-
+        adapter = TrainableAdapter.__new__(TrainableAdapter)   # no init draw: its factors are set
+        torch.nn.Module.__init__(adapter)
+        adapter.target, adapter.variant, adapter.ortho = t, "tlora" if ortho else "vanilla", ortho
+        down = torch.empty(width, t.in_features, device="meta", requires_grad=True)
+        up = torch.empty(t.rows, width, device="meta", requires_grad=True)
+        adapter.step_factors = (down, up)
+        factors += [down, up]
+        groups[t.module].append(adapter)
+    state = RankState(strict=False)
     for name, group in groups.items():
-        dm.get_submodule(name).register_forward_hook(hook(group))
-    return params
+        dm.get_submodule(name).register_forward_hook(_training_hook(group, state, None))
+    return factors
 
 
-def saved_bytes(family: str, checkpointing: bool, rank: int, tokens: int) -> dict:
-    """Bytes saved for backward by one forward of the real-size model with adapters (meta device)."""
+def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    # PyTorch's flash kernel (the CPU's SDPA; the GPU's keep the same tensors for backward).
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s._cdata, s.nbytes()
+
+
+def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, width: int = 128,
+                ortho: bool = True, tokens: int = 77, attention: str = "efficient",
+                config: dict | None = None) -> dict:
+    """What one forward of the model with adapters keeps for backward (meta device), in bytes.
+
+    Each storage counts once (several ops saving one tensor keep it once). ``activations``: saved
+    outside attention; ``attention``: saved by the attention kernel; ``checkpoint_inputs``: block
+    inputs kept for recomputation (not already saved); ``weight_elements``: elements of the base
+    weights saved (their per-forward copies when the weights are inference tensors); ``blocks``:
+    per checkpointed block, what it saves in order, as (bytes, 0) or (0, weight elements) (what its
+    recomputation saves, when run without checkpointing); ``order``: per block in forward order,
+    (name, bytes, weight elements) kept once it has run; ``block_factor_bytes``: the fp32 bytes of
+    each block's adapter factors.
+    """
     import comfy.ldm.flux.math
-    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.attention as attention_module
+    import comfy.ops
     from comfyui_tlora.tlora_core import families
     from comfyui_tlora.training.prepare import _install_checkpointing, _Restorer, checkpoint_blocks
     from comfyui_tlora.training.targets import find_targets
 
-    # PyTorch SDPA (ComfyUI's CPU default, sub-quadratic attention, asks the device for free memory).
-    attention.optimized_attention = attention.attention_pytorch
-    comfy.ldm.flux.math.optimized_attention = attention.attention_pytorch
-    config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
-    dm = comfy_runtime.build_model(family, config, device="meta", dtype=torch.bfloat16).diffusion_model
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
+    if config is None:
+        config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
+    dm = comfy_runtime.build_model(family, config, device="meta", dtype=COMPUTE_DTYPE).diffusion_model
     dm.requires_grad_(False)
-    adapter_params = _attach_meta_adapters(dm, find_targets(dm, family), rank)
-    weight_ids = {id(p) for p in dm.parameters()} | {id(p) for p in adapter_params}
-    block_names = families.get(family).checkpoint_blocks
-    blocks = checkpoint_blocks(dm, block_names)
-    current = ["outside blocks"]
-    for name, m in blocks.items():
-        m.register_forward_pre_hook(lambda *_, n=name: current.__setitem__(0, n))
-        m.register_forward_hook(lambda *_: current.__setitem__(0, "outside blocks"))
-    if checkpointing:
-        _install_checkpointing(dm, _Restorer(), block_names)
-    totals, per_block = collections.Counter(), collections.Counter()
+    targets = find_targets(dm, family)
+    factors = _attach_meta_adapters(dm, targets, width, ortho)
+    weights = {_storage(p)[0]: p.numel() for p in dm.parameters()}
+    factor_ids = {_storage(f)[0] for f in factors}
+    blocks = checkpoint_blocks(dm, families.get(family).checkpoint_blocks)
+    where, in_attention = ["outside blocks"], [False]
+    seen: set[int] = set()
+    kept: list = []   # meta tensors cost nothing: holding them keeps storage ids unique
+    totals, per_block, block_weights = collections.Counter(), collections.Counter(), collections.Counter()
+    block_saves, block_factors = collections.defaultdict(list), collections.Counter()
+    for t in targets:   # fp32 bytes of each block's adapter factors (their gradients: as much)
+        owner = next((n for n in blocks if t.module.startswith(n + ".")), "outside blocks")
+        block_factors[owner] += 4 * width * (t.rows + t.in_features)
+    order: list[tuple[str, int, int]] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        size = t.numel() * t.element_size()
-        square = t.ndim >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] >= 1024
-        kind = "weights" if id(t) in weight_ids else "attention_matrices" if square else "activations"
+    def count(t: torch.Tensor, kind: str | None = None) -> None:
+        sid, size = _storage(t)
+        if sid in seen or sid in factor_ids:
+            return
+        seen.add(sid)
+        kept.append(t)
+        if sid in weights:
+            totals["weight_elements"] += weights[sid]
+            block_weights[where[0]] += weights[sid]
+            block_saves[where[0]].append((0, weights[sid]))
+            return
+        kind = kind or ("attention" if in_attention[0] else "activations")
         totals[kind] += size
-        if kind == "activations":
-            per_block[current[0]] += size
-        return t
+        if kind != "checkpoint_inputs":
+            per_block[where[0]] += size
+            block_saves[where[0]].append((size, 0))
 
-    x, t, kwargs = _meta_inputs(family, tokens)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        dm(x, t, **kwargs)
-    largest = max((v, k) for k, v in per_block.items() if k != "outside blocks")
-    block_weights = max(sum(p.numel() for p in m.parameters()) for m in blocks.values())
-    return {"activations_gib": totals["activations"] / GIB,
-            "attention_matrices_gib": totals["attention_matrices"] / GIB,
-            "largest_block": largest[1], "largest_block_activations_gib": largest[0] / GIB,
-            "largest_block_params": block_weights}
+    def enter(module, args, kwargs, name):
+        where[0] = name
+        if checkpointing:
+            for v in [*args, *kwargs.values()]:
+                if torch.is_tensor(v):
+                    count(v, "checkpoint_inputs")
+
+    def leave(name):
+        where[0] = "outside blocks"
+        kept_bytes = totals["activations"] + totals["attention"] + totals["checkpoint_inputs"]
+        order.append((name, kept_bytes, totals["weight_elements"]))
+
+    for name, m in blocks.items():
+        m.register_forward_pre_hook(lambda mod, a, k, n=name: enter(mod, a, k, n), with_kwargs=True)
+        m.register_forward_hook(lambda *_, n=name: leave(n))
+    if checkpointing:
+        _install_checkpointing(dm, _Restorer(), tuple(families.get(family).checkpoint_blocks))
+
+    def attention_call(inner):
+        def run(*a, **k):
+            in_attention[0] = True
+            try:
+                return inner(*a, **k)
+            finally:
+                in_attention[0] = False
+        return run
+
+    x, t, kwargs = _meta_inputs(family, image, tokens, config)
+    with ExitStack() as stack:
+        # ComfyUI's PyTorch attention, with the chosen kernel (meta SDPA is the math one).
+        for module in (attention_module, comfy.ldm.flux.math):
+            old = module.optimized_attention
+            module.optimized_attention = attention_call(attention_module.attention_pytorch)
+            stack.callback(setattr, module, "optimized_attention", old)
+        if attention == "efficient":
+            old_sdpa = comfy.ops.scaled_dot_product_attention
+            comfy.ops.scaled_dot_product_attention = _efficient_sdpa
+            stack.callback(setattr, comfy.ops, "scaled_dot_product_attention", old_sdpa)
+        else:   # as bench/measure_memory.py runs it
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(lambda v: (count(v), v)[1], lambda v: v))
+        out = dm(x, t, **kwargs)
+    count(out)   # the prediction, alive until the loss's backward
+    names = (set(per_block) | set(block_weights)) - {"outside blocks"}
+    return {"activations": totals["activations"], "attention": totals["attention"],
+            "checkpoint_inputs": totals["checkpoint_inputs"], "weight_elements": totals["weight_elements"],
+            "blocks": {k: block_saves[k] for k in sorted(names)},
+            "order": order, "block_factor_bytes": dict(block_factors)}
 
 
-def adapter_bytes(family: str, variant: str, rank: int) -> dict:
-    from comfyui_tlora.training.modules import adapter_memory
+def adapter_bytes(family: str, variant: str, rank: int, config: dict | None = None) -> dict:
+    """The adapters' memory (``training.modules.adapter_memory``, the trainer's own figure)."""
+    from comfyui_tlora.training.modules import ADAPTER_DTYPE, adapter_memory
     from comfyui_tlora.training.targets import find_targets
 
-    config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
+    if config is None:
+        config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
     dm = comfy_runtime.build_model(family, config, device="meta").diffusion_model
     targets = find_targets(dm, family)
-    # The trainer's own figure (it asks ComfyUI for this much room before training). Ortho's step
-    # factors: alive through the step, their gradients gather in backward (counted in full).
     need = adapter_memory(targets, variant, rank)
     return {"base_params": sum(p.numel() for p in dm.parameters()), "targets": len(targets),
-            "trainable_params": need["trainable_params"], "adapter_gib": need["state_bytes"] / GIB,
-            "step_factors_gib": need["step_factor_bytes"] / GIB}
+            "trainable_params": need["trainable_params"], "state_bytes": need["state_bytes"],
+            "grad_bytes": need["trainable_params"] * ADAPTER_DTYPE.itemsize,
+            "step_factor_bytes": need["step_factor_bytes"]}
+
+
+def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = True,
+            attention: str = "efficient", device: str = "gpu", keep_rank: int | None = None,
+            inference_weights: bool = True, variant: str | None = None, rank: int | None = None,
+            base_dtype: torch.dtype | None = None, tokens: int | None = None,
+            config: dict | None = None) -> dict:
+    """Peak tensor memory (GiB) of a steady-state training step and its parts (module docstring).
+
+    Defaults: the family's recipe (``RECIPES``). ``keep_rank``: the step's r(t) (the factors are
+    sliced to it); ``device="gpu"`` adds the CUDA context estimate.
+    """
+    r_variant, r_rank, r_dtype, r_tokens = RECIPES[family]
+    variant, rank = variant or r_variant, rank or r_rank
+    base_dtype, tokens = base_dtype or r_dtype, tokens or r_tokens
+    keep = rank if keep_rank is None else keep_rank
+    ortho = variant in ("tlora", "ortho")
+    a = adapter_bytes(family, variant, rank, config)
+    s = saved_bytes(family, image=image, checkpointing=checkpointing, width=2 * keep if ortho else keep,
+                    ortho=ortho, tokens=tokens, attention=attention, config=config)
+    # Layers get a fresh weight copy per forward when the weights are inference tensors or are
+    # cast to the compute dtype (an fp8 base); backward keeps the copies it saved.
+    copied = inference_weights or base_dtype != COMPUTE_DTYPE
+    copy_size = COMPUTE_DTYPE.itemsize if copied else 0
+    base = a["base_params"] * torch.empty(0, dtype=base_dtype).element_size()
+    persistent = a["state_bytes"] - a["grad_bytes"]       # factors, init, AdamW moments
+    step_factors = a["step_factor_bytes"] / 2 * keep / rank   # the factors; as much again for grads
+    saved = s["activations"] + s["attention"] + s["checkpoint_inputs"] + s["weight_elements"] * copy_size
+    recompute, largest, at_recompute = 0, None, 0
+    if checkpointing:
+        # Backward re-runs each block with saving on (what the block saves without checkpointing),
+        # then runs the block's backward, op by op in reverse: at the op that saved tensor j, what
+        # the block saved up to j is alive, plus the gradient coming in and the one going out,
+        # about twice tensor j's size (math attention: the gradients of the attention
+        # probabilities and of the scores). By then what later blocks kept is freed and their
+        # adapters' gradients have arrived.
+        blocks = saved_bytes(family, image=image, checkpointing=False, width=2 * keep if ortho else keep,
+                             ortho=ortho, tokens=tokens, attention=attention, config=config)["blocks"]
+        # Ortho: gradients of the step's factors; else of the parameters themselves (full rank).
+        grads = {k: v * (1 if ortho else rank / keep) for k, v in s["block_factor_bytes"].items()}
+        arrived = sum(v for k, v in grads.items() if k != "outside blocks")
+        for name, kept_bytes, kept_weights in s["order"]:   # forward order: backward's reverse
+            block = cumulative = 0
+            for size, weight_elements in blocks.get(name, ()):
+                cumulative += size + weight_elements * copy_size
+                block = max(block, cumulative + 2 * size)
+            live = kept_bytes + kept_weights * copy_size + arrived + block
+            if live > at_recompute:
+                at_recompute, recompute, largest = live, block, name
+            arrived -= grads.get(name, 0)
+    moments = {
+        "end_of_forward": saved + step_factors,
+        "largest_recompute": step_factors + at_recompute,
+        "end_of_backward": 2 * step_factors + a["grad_bytes"],
+        "optimizer_step": a["grad_bytes"],
+    }
+    at = max(moments, key=moments.get)
+    context = CONTEXT_OVERHEAD_GIB * GIB if device == "gpu" else 0
+    peak = base + persistent + moments[at] + context
+    return {"setting": {"family": family, "image": image, "checkpointing": checkpointing,
+                        "attention": attention, "device": device, "keep_rank": keep,
+                        "inference_weights": inference_weights, "variant": variant, "rank": rank,
+                        "base_dtype": str(base_dtype), "text_tokens": tokens},
+            "base_params": a["base_params"], "targets": a["targets"],
+            "trainable_params": a["trainable_params"],
+            "base_gib": base / GIB, "adapter_state_gib": persistent / GIB,
+            "adapter_grads_gib": a["grad_bytes"] / GIB, "step_factors_gib": step_factors / GIB,
+            "saved_activations_gib": s["activations"] / GIB, "saved_attention_gib": s["attention"] / GIB,
+            "checkpoint_inputs_gib": s["checkpoint_inputs"] / GIB,
+            "saved_weight_copies_gib": s["weight_elements"] * copy_size / GIB,
+            "recompute_gib": recompute / GIB, "largest_block": largest,
+            "moments_gib": {k: (base + persistent + v) / GIB for k, v in moments.items()},
+            "peak_at": at, "context_gib": context / GIB, "peak_gib": peak / GIB}
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    comfy_runtime.bootstrap()
-    logging.getLogger().setLevel(logging.INFO)
+    comfy_runtime.bootstrap()   # first: ComfyUI sets up logging on import
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger().setLevel(logging.WARNING)   # ComfyUI's own INFO lines stay quiet
+    log.setLevel(logging.INFO)
     report = {}
-    for family, (variant, rank, base_dtype, tokens) in RECIPES.items():
-        a = adapter_bytes(family, variant, rank)
-        base_gib = a["base_params"] * torch.empty(0, dtype=base_dtype).element_size() / GIB
-        # The trainer's per-layer product has 2 x rank columns for the Ortho variants.
-        width = 2 * rank if variant in ("tlora", "ortho") else rank
-        with_ckpt = saved_bytes(family, True, width, tokens)
-        without = saved_bytes(family, False, width, tokens)
-        # bf16 copy of the largest block's weights: the per-forward casts alive at once (estimate).
-        casts_gib = with_ckpt["largest_block_params"] * 2 / GIB
-        # Recomputing one block in backward saves what that block saves without checkpointing.
-        recompute_gib = without["largest_block_activations_gib"]
-        peak = base_gib + a["adapter_gib"] + a["step_factors_gib"] + with_ckpt["activations_gib"] + \
-            recompute_gib + casts_gib + CONTEXT_OVERHEAD_GIB
-        with_ckpt.pop("largest_block_activations_gib")   # inside checkpoints nothing is seen
-        report[family] = {"recipe": {"variant": variant, "rank": rank, "base_dtype": str(base_dtype),
-                                     "compute_dtype": "bf16", "image": 1024, "text_tokens": tokens},
-                          "computed": {"base_gib": base_gib, **a, "checkpointing": with_ckpt,
-                                       "no_checkpointing": without},
-                          "estimated": {"transient_casts_gib": casts_gib,
-                                        "context_and_allocator_gib": CONTEXT_OVERHEAD_GIB,
-                                        "peak_with_checkpointing_gib": peak}}
-        log.info("%s %s r%d, base %s: base %.2f GiB, adapters+grads+AdamW %.2f GiB, per-step factors "
-                 "and their gradients %.2f GiB, saved activations "
-                 "%.2f GiB with checkpointing (+%.2f GiB largest block recompute) / %.2f GiB without "
-                 "(+%.2f GiB attention matrices a math SDPA would keep); estimated peak %.1f GiB",
-                 family, variant, rank, base_dtype, base_gib, a["adapter_gib"], a["step_factors_gib"],
-                 with_ckpt["activations_gib"], recompute_gib,
-                 without["activations_gib"], without["attention_matrices_gib"], peak)
+    for family in RECIPES:
+        for checkpointing in (True, False):
+            p = predict(family, image=1024, checkpointing=checkpointing, device="gpu")
+            report[f"{family}:1024:{'on' if checkpointing else 'off'}:gpu"] = p
+            log.info("%s 1024 checkpointing %s: base %.2f + adapter state %.2f + grads %.2f GiB, "
+                     "factors %.2f GiB (x2 in backward), saved %.2f activations + %.2f attention + "
+                     "%.2f checkpoint inputs + %.2f weight copies GiB, recompute %.2f GiB; peak at %s "
+                     "%.1f GiB (with %.1f GiB CUDA context)", family, "on" if checkpointing else "off",
+                     p["base_gib"], p["adapter_state_gib"], p["adapter_grads_gib"], p["step_factors_gib"],
+                     p["saved_activations_gib"], p["saved_attention_gib"], p["checkpoint_inputs_gib"],
+                     p["saved_weight_copies_gib"], p["recompute_gib"], p["peak_at"], p["peak_gib"],
+                     p["context_gib"])
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_memory.json").write_text(json.dumps(report, indent=2))
