@@ -1,0 +1,64 @@
+"""bench/train_memory.py's memory model against bench/measure_memory.py's measurement, at tiny size.
+
+The real-size comparison takes minutes and most of the machine's memory (run the bench script);
+here the same code runs on the tiny SDXL: the trainer's real steps under the memory profiler
+against the model's meta-device prediction for the same settings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from comfy_runtime import REPO, TINY_SDXL_CONFIG
+
+pytestmark = pytest.mark.comfy
+
+RANK = 16   # the recipe's 64 does not fit the tiny model's 32-wide layers
+
+
+def _bench(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # measure_memory imports train_memory by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_model_predicts_the_measured_peak_of_a_tiny_step(comfy, checkpointing, attention):
+    import comfy.ldm.modules.attention as attention_module
+
+    before = attention_module.optimized_attention
+    measured = _bench("measure_memory").measure(
+        {"image": 256, "checkpointing": checkpointing, "attention": attention},
+        config=TINY_SDXL_CONFIG, rank=RANK)
+    assert attention_module.optimized_attention is before   # the measurement puts it back
+    step = measured["steps"][-1]   # the steady state: AdamW's moments exist
+    model = _bench("train_memory").predict(
+        "sdxl", image=256, checkpointing=checkpointing,
+        attention="math" if attention == "math" else "efficient", device="cpu",
+        keep_rank=step["keep_rank"], rank=RANK, config=TINY_SDXL_CONFIG)
+    error = model["peak_gib"] * 2 ** 30 / step["peak_bytes"] - 1
+    # The issue's bound. At tiny size the few tensors the model leaves out (conditioning, the
+    # noise schedule, the loss's inputs) weigh more than at real size: 0.4-3.2% here, 0.1% there.
+    assert abs(error) < 0.10, (model, step)
+    # What lives between steps is the base and the adapter state (the model's persistent part).
+    persistent = (model["base_gib"] + model["adapter_state_gib"]) * 2 ** 30
+    assert abs(step["live_before_bytes"] / persistent - 1) < 0.05
+
+
+def test_math_attention_keeps_more_than_the_flash_kernel(comfy):
+    model = _bench("train_memory")
+    kwargs = dict(image=256, checkpointing=False, device="cpu", rank=RANK, config=TINY_SDXL_CONFIG)
+    efficient = model.predict("sdxl", attention="efficient", **kwargs)
+    math = model.predict("sdxl", attention="math", **kwargs)
+    assert math["saved_attention_gib"] > efficient["saved_attention_gib"] > 0
+    assert math["saved_activations_gib"] == efficient["saved_activations_gib"]
+    gpu = model.predict("sdxl", attention="efficient", **{**kwargs, "device": "gpu"})
+    assert gpu["peak_gib"] == pytest.approx(efficient["peak_gib"] + model.CONTEXT_OVERHEAD_GIB)
