@@ -86,8 +86,9 @@ def real_config(family: str, name: str | None = None) -> dict[str, Any]:
 
 def bootstrap(cpu: bool = True) -> None:
     """Make ComfyUI importable in this process, on the CPU unless ``cpu=False`` (device scripts
-    under bench/; the first call decides), and import the pack."""
-    global _BOOTSTRAPPED
+    under bench/; the first call decides, and on a GPU turns on ComfyUI's dynamic VRAM where it
+    has one, see :func:`enable_dynamic_vram`), and import the pack."""
+    global _BOOTSTRAPPED, DYNAMIC_VRAM
     if _BOOTSTRAPPED:
         return
     root = str(comfyui_root())
@@ -110,7 +111,53 @@ def bootstrap(cpu: bool = True) -> None:
 
     comfy_compat.configure()
     import_pack()
+    if not cpu:
+        DYNAMIC_VRAM = enable_dynamic_vram()
     _BOOTSTRAPPED = True
+
+
+DYNAMIC_VRAM = "off (CPU)"   # what enable_dynamic_vram() said, once bootstrap(cpu=False) ran
+
+
+def enable_dynamic_vram() -> str:
+    """Turn on ComfyUI's dynamic VRAM (0.33+: ``ModelPatcherDynamic`` behind comfy-aimdo) in this
+    process as ComfyUI's main.py does at start-up: importing ComfyUI alone keeps the legacy patcher.
+    Returns ``"on"`` or why it stays off."""
+    import comfy.cli_args
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    args = comfy.cli_args.args
+    if not hasattr(comfy.cli_args, "enables_dynamic_vram") or \
+            not hasattr(comfy.model_patcher, "ModelPatcherDynamic"):
+        return "off: this ComfyUI has no dynamic VRAM"
+    import comfy.memory_management
+
+    if not comfy.cli_args.enables_dynamic_vram():
+        return "off: disabled by ComfyUI's arguments"
+    if not mm.is_nvidia():
+        return "off: main.py enables it on NVIDIA GPUs here"
+    if mm.torch_version_numeric < (2, 8):
+        return "off: needs PyTorch 2.8+"
+    import comfy_aimdo.control
+
+    headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+    try:
+        loaded = comfy_aimdo.control.init(simple_vram_headroom=headroom,
+                                          nvml_pressure=not args.disable_nvml_pressure)
+    except TypeError:   # older comfy-aimdo protocols, as main.py
+        loaded = comfy_aimdo.control.init()
+    devices = mm.get_all_torch_devices()
+    try:
+        ready = comfy_aimdo.control.init_devices(
+            (d.index, int(args.vram_headroom * 1024 ** 3)) for d in devices)
+    except TypeError:
+        ready = comfy_aimdo.control.init_devices(d.index for d in devices)
+    if loaded is False or not ready:
+        return "off: comfy-aimdo did not initialise"
+    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+    comfy.memory_management.aimdo_enabled = True
+    return "on"
 
 
 def init_nodes() -> None:

@@ -101,3 +101,16 @@ def test_real_size_models_deselected_here_do_not_load_here(comfy):
             # a model detected with other shapes does not load either
             assert {k: v.shape for k, v in rebuilt.state_dict().items()} == \
                 {k: v.shape for k, v in state_dict.items()}
+
+
+def test_dynamic_vram_stays_off_on_the_cpu(comfy):
+    """enable_dynamic_vram() (what bootstrap(cpu=False) runs) leaves ComfyUI's legacy patcher on
+    with --cpu, as ComfyUI's main.py does."""
+    from comfy import model_patcher
+
+    status = comfy.enable_dynamic_vram()
+    if hasattr(model_patcher, "ModelPatcherDynamic"):   # ComfyUI 0.33+: --cpu disables it
+        assert status == "off: disabled by ComfyUI's arguments"
+        assert model_patcher.CoreModelPatcher is model_patcher.ModelPatcher
+    else:
+        assert status == "off: this ComfyUI has no dynamic VRAM"
