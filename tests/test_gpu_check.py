@@ -4,37 +4,121 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
-from comfy_runtime import REPO
+from comfy_runtime import REPO, comfyui_version
 
 pytestmark = pytest.mark.comfy
+STEPS = 3
 
 
 def _script():
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # its dataclass looks itself up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_gpu_check_tiny_runs_and_writes_its_report(comfy, tmp_path, capsys):
+def _recipes() -> dict:
+    saved = list(sys.path)   # train_memory puts the repository first on import
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_memory
+    finally:
+        sys.path[:] = saved
+    return train_memory.RECIPES
+
+
+def test_gpu_check_tiny_runs_every_section_and_writes_its_report(comfy, tmp_path, capsys):
     import comfy.model_management as mm
     from comfyui_tlora.training.prepare import TRAINING_FLAGS
+    from comfyui_tlora.training.targets import find_targets
+
+    import comfy_runtime
 
     out = tmp_path / "gpu_check.json"
-    report = _script().main(["--tiny", "--out", str(out)])
+    report = _script().main(["--tiny", "--steps", str(STEPS), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[0] == "family" and [line.split()[0] for line in table[1:]] == ["sdxl", "flux"]
+    assert table[0].split()[0] == "family" and [line.split()[0] for line in table[1:3]] == ["sdxl", "flux"]
+    assert table[3].startswith("budget 480 s") and table[3].endswith("dynamic VRAM off (CPU)")
+    assert report["dynamic_vram"] == "off (CPU)"
+    assert report["budget"]["skipped"] == [] and 0 < report["budget"]["used_s"] < 480
     present = {name: value for name, value in TRAINING_FLAGS.items() if hasattr(mm, name)}
+    old_comfy = comfyui_version().startswith("0.3.")
+    recipes = _recipes()
     for family, r in report["families"].items():
-        assert r["dynamic_patcher"] is False, family   # no dynamic patcher on a CPU
+        assert {"setup", "train", "comfy_trainer", "loader_vs_stock", "loader", "train_on_dynamic_clone"} <= set(r)
+        assert r["setup"]["status"] == "ran" and r["setup"]["dynamic_patcher"] is False   # no dynamic patcher on a CPU
+        train = r["train"]
+        assert train["status"] == "ran", train
+        variant, rank, _, tokens = recipes[family]
         for run in ("dynamic", "non_dynamic"):
-            assert r["train"][run]["flags_seen"] == present and r["train"][run]["flags_constant"]
-            assert r["train"][run]["s_per_step"] > 0
+            t = train[run]
+            assert t["flags_seen"] == present and t["flags_constant"]
+            assert t["s_per_step"] > 0 and t["steps_timed"] == STEPS - 1 and t["wall_s"] > t["s_per_step"]
+            assert t["variant"] == variant and t["rank"] == 8 and t["peak_allocated_gib"] is None   # CUDA only
+            assert t["device_used_at_steps_max_gib"] is None
         # Both loads are ordinary patchers of the same seeded weights here: exactly equal.
-        assert r["train"]["adapter_max_diff"] == 0.0
-        assert r["train_on_dynamic_clone"] == {"ran": True, "adapter_max_diff": 0.0}
-        assert r["loader"]["latent_max_diff"] == 0.0
+        assert train["adapter_max_diff"] == 0.0
+        model = train["memory_model"]
+        assert (model["variant"], model["rank"], model["tokens"]) == (variant, rank, tokens)
+        assert model["peak_gib"] > model["peak_without_context_gib"] > 0.5
+        assert model["measured_peak_allocated_gib"] is None and model["measured/model"] is None
+
+        comfy_run = r["comfy_trainer"]
+        assert comfy_run["status"] == "ran", comfy_run
+        assert comfy_run["s_per_step"] > 0 and comfy_run["steps_timed"] == STEPS - 1
+        assert comfy_run["flags_seen"] == present and comfy_run["rank"] == train["dynamic"]["rank"]
+        assert comfy_run["comfy/ours"]["s_per_step"] == comfy_run["s_per_step"] / train["dynamic"]["s_per_step"]
+        if family == "flux" and old_comfy:
+            # ComfyUI 0.3.75's trainer cannot train FLUX on some layers only (its checkpointing
+            # recomputes different tensors): the check says so and runs it as shipped instead.
+            assert comfy_run["layers"] == "all" and comfy_run["targets_error"].startswith("CheckpointError")
+        else:
+            model_patcher = comfy_runtime.build_model(family)
+            targets = find_targets(model_patcher.model.diffusion_model, family)
+            assert comfy_run["layers"] == "targets"
+            assert comfy_run["adapters"]["kept"] == len({t.module for t in targets})
+            assert comfy_run["adapters"]["dropped"] > 0
+
+        stock = r["loader_vs_stock"]
+        assert stock["status"] == "ran" and stock["rank"] == 8 and stock["min_rank"] == 4
+        # The trained file where it is a T-LoRA of that rank (SDXL's recipe), else an initialisation.
+        assert stock["adapter"] == {"sdxl": "trained", "flux": "initialisation"}[family]
+        assert set(stock["all_s"]) == {f"{load}:{kind}" for load in ("dynamic", "non_dynamic")
+                                       for kind in ("tlora", "stock")}
+        assert all(len(v) == 2 and min(v) > 0 for v in stock["all_s"].values())
+        for load in ("dynamic", "non_dynamic"):
+            assert stock[load]["dynamic_patcher"] is False
+            assert stock[load]["tlora_s"] == min(stock["all_s"][f"{load}:tlora"])
+            assert stock[load]["tlora/stock"] == stock[load]["tlora_s"] / stock[load]["stock_s"]
+
+        assert r["loader"]["status"] == "ran" and r["loader"]["latent_max_diff"] == 0.0
+        assert r["loader"]["dynamic_s"] > 0 and r["loader"]["non_dynamic_s"] > 0
+        assert r["train_on_dynamic_clone"] == {"status": "ran", "ran": True, "adapter_max_diff": 0.0,
+                                               "seconds": r["train_on_dynamic_clone"]["seconds"]}
+
+
+def test_gpu_check_budget_guard_skips_what_does_not_fit(comfy, tmp_path, capsys):
+    script = _script()
+    budget = script.Budget(100.0)
+    record: dict = {}
+    budget.taken["slow"] = 1000.0   # took longer on the previous family than what is left
+    assert budget.run(record, "flux", "slow", lambda: pytest.fail("must not run")) is None
+    assert record["slow"]["status"] == "skipped" and "1000 s" in record["slow"]["note"]
+    assert budget.run(record, "flux", "quick", lambda: {"value": 1})["value"] == 1
+    assert record["quick"]["status"] == "ran" and budget.taken["quick"] == record["quick"]["seconds"]
+    assert budget.run(record, "flux", "broken", lambda: 1 / 0)["status"] == "failed"
+    assert record["broken"]["error"].startswith("ZeroDivisionError") and budget.skipped == ["flux.slow"]
+
+    out = tmp_path / "none.json"
+    report = script.main(["--tiny", "--family", "sdxl", "--budget-s", "0", "--out", str(out)])
+    assert report["budget"]["skipped"] == ["sdxl.setup"]
+    assert report["families"]["sdxl"]["setup"]["status"] == "skipped"
+    assert json.loads(out.read_text())["budget"]["skipped"] == ["sdxl.setup"]
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == ",".join(("setup", *script.SECTIONS))
+

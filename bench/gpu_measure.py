@@ -1,0 +1,152 @@
+"""Measuring for bench/gpu_check.py: CUDA-synchronised step and sampler clocks, a block's peak
+memory, and the run's time guard. Without CUDA every memory figure is None and times are wall
+times of the CPU work."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+GIB = 2 ** 30
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work (before every time stamp)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def device_used_gib() -> float | None:
+    """GPU memory in use on the device (all allocators: PyTorch's, comfy-aimdo's dynamic-VRAM
+    weights, the CUDA context), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / GIB
+
+
+@contextlib.contextmanager
+def measured(out: dict):
+    """Wall seconds of the block into ``out``, and on CUDA its peak memory: every model is unloaded
+    and the peak statistics reset first, so the peak is the block's own. ``peak_allocated_gib`` is
+    PyTorch's allocator only: weights that dynamic VRAM streams through comfy-aimdo are not in it
+    (the step clocks sample the whole device's use for those)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out["allocated_before_gib"] = torch.cuda.memory_allocated() / GIB
+        out["device_used_before_gib"] = device_used_gib()
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        sync()
+        out["wall_s"] = time.perf_counter() - start
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB if cuda else None
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB if cuda else None
+
+
+class StepClock:
+    """Time stamps of every optimizer step while :meth:`counting` (one per training step in both
+    trainers; model calls would not do: a checkpointed whole model calls its wrappers again in
+    backward), taken after a CUDA synchronize, and the ComfyUI training flags seen at each
+    diffusion-model call of ``self.patcher`` (a clone of ``patcher``)."""
+
+    def __init__(self, patcher) -> None:
+        import comfy.patcher_extension
+
+        self.stamps: list[float] = []
+        self.device_used: list[float | None] = []
+        self.flags: list[dict] = []
+        self.patcher = patcher.clone()
+        self.patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "gpu_check",
+                                          self._watch)
+
+    def _watch(self, executor, *args, **kwargs):
+        import comfy.model_management as mm
+
+        self.flags.append({n: getattr(mm, n) for n in ("in_training", "training_fp8_bwd") if hasattr(mm, n)})
+        return executor(*args, **kwargs)
+
+    def _stamp(self, *_) -> None:
+        sync()
+        self.stamps.append(time.perf_counter())
+        self.device_used.append(device_used_gib())
+
+    @contextlib.contextmanager
+    def counting(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        handle = register_optimizer_step_post_hook(self._stamp)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def summary(self) -> dict:
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]   # from the end of the first step
+        used = [u for u in self.device_used if u is not None]
+        return {"s_per_step": statistics.median(gaps) if gaps else None, "steps_timed": len(gaps),
+                "device_used_at_steps_max_gib": max(used) if used else None,
+                "flags_seen": self.flags[0] if self.flags else {},
+                "flags_constant": all(f == self.flags[0] for f in self.flags)}
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+class SamplerClock:
+    """Seconds of ComfyUI's sampler loop (SAMPLER_SAMPLE wrapper: after load and patching)."""
+
+    def __init__(self, patcher) -> None:
+        import comfy.patcher_extension
+
+        self.seconds = 0.0
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "gpu_check", self._timed)
+
+    def _timed(self, executor, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            sync()
+            self.seconds = time.perf_counter() - start
+
+
+class Budget:
+    """The time guard: a section runs only if its estimate fits in what is left."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s, self.start = limit_s, time.perf_counter()
+        self.taken: dict[str, float] = {}   # section -> seconds, last family that ran it
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.limit_s - (time.perf_counter() - self.start)
+
+    def run(self, record: dict, family: str, name: str, fn) -> dict | None:
+        """``record[name] = fn()`` with its status, or a skip note; a failure is recorded, not raised."""
+        estimate, left = self.taken.get(name, 0.0), self.left()
+        if left <= 0 or estimate > left:
+            note = f"skipped: the {self.limit_s:.0f} s budget has {max(left, 0):.0f} s left" + \
+                (f", this section took {estimate:.0f} s on the previous family" if estimate else "")
+            record[name] = {"status": "skipped", "note": note}
+            self.skipped.append(f"{family}.{name}")
+            return None
+        start = time.perf_counter()
+        try:
+            record[name] = {"status": "ran", **fn()}
+        except Exception as err:  # recorded: one failing section must not lose the others' figures
+            record[name] = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:400]}
+        self.taken[name] = record[name]["seconds"] = time.perf_counter() - start
+        return record[name]
