@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..tlora_core import families
 from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT
-from ..training import inputs, job, lora_folder, report
+from ..training import inputs, job, lora_folder, optim, report, timesteps
 from ..training.loop import COMPUTE_DTYPES
 from ..training.targets import SCOPES
 from .loader import load_for_model
@@ -66,9 +66,9 @@ def _inputs() -> list:
             "Optimizer steps. The paper trains T-LoRA and Ortho-LoRA 800 steps, LoRA and Vanilla "
             "T-LoRA 500 (SDXL, batch 1).")),
         io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7, tooltip=(
-            "AdamW learning rate (betas 0.9/0.999, weight decay 1e-4, constant), the paper's setting "
-            "for SDXL. The reference FLUX script uses the Prodigy optimizer instead; this node keeps "
-            "AdamW (no extra dependency), for which 1e-4 is a usual FLUX LoRA rate.")),
+            "AdamW learning rate (betas 0.9/0.999, weight decay 1e-4), 1e-4 the paper's setting for "
+            "SDXL and a usual FLUX LoRA rate. With optimizer Prodigy it only scales Prodigy's own "
+            "step-size estimate: set 1.0 (the reference FLUX script's value).")),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip=(
             "Samples per step (batch 1 in the paper). With one image, a batch of 2 trains the image "
             "at two noise levels per step; each sample gets the rank mask of its own timestep.")),
@@ -102,6 +102,51 @@ def _inputs() -> list:
         io.Mask.Input("mask", optional=True, tooltip=(
             "Optional subject mask (white = subject): the loss counts only the masked area, so the "
             "background is not learnt (the reference FLUX recipe). Image or latent size.")),
+        *_optimizer_inputs(),
+    ]
+
+
+def _flow_labels() -> str:
+    return ", ".join(f.label for f in families.all_families() if f.timestep == "flow")
+
+
+def _discrete_labels() -> str:
+    return " and ".join(f.label for f in families.all_families() if f.timestep != "flow")
+
+
+def _optimizer_inputs() -> list:
+    """Optimizer, learning-rate schedule and timestep sampling (training.optim, training.timesteps)."""
+    return [
+        io.Combo.Input("optimizer", options=list(optim.OPTIMIZERS), default="AdamW", optional=True, tooltip=(
+            "AdamW = the paper's setting (SDXL): you choose the learning rate. Prodigy = the reference "
+            "FLUX script's optimizer: it estimates the step size itself (set learning_rate 1.0), "
+            "useful when you do not want to tune the rate; the reference's settings (betas "
+            "0.9/0.999, decoupled weight decay 1e-4, bias correction, safeguard warm-up). Needs the "
+            "prodigyopt package; keeps two more adapter-sized buffers. A resume needs the same choice.")),
+        io.Combo.Input("lr_schedule", options=list(optim.LR_SCHEDULES), default="constant", optional=True,
+                       tooltip=(
+            "constant = the paper and both reference scripts. cosine = decays the rate to near zero "
+            "by the last step, which settles the adapter at the end of a long run (Prodigy's "
+            "authors recommend it). A cosine run resumes only to the same total steps.")),
+        io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
+            "Linear learning-rate warm-up over the first N steps (either schedule); 0 = none, as the "
+            "paper. A step count, not a fraction, so that a resumed run keeps the same warm-up. "
+            "5-10% of the steps helps Prodigy and high rates start stably.")),
+        io.Combo.Input("timestep_sampling", options=list(timesteps.TIMESTEP_SAMPLINGS), default="uniform",
+                       optional=True, tooltip=(
+            f"How training draws noise levels on flow models ({_flow_labels()}). uniform = the "
+            "reference code. logit-normal = SD3's density: more steps at mid noise, where flow "
+            "models learn composition and identity (see logit_mean / logit_std). 'shifted' maps "
+            "either through the model's own sampling shift, so training visits the noise levels its "
+            "sampler does (more high noise, e.g. FLUX's resolution shift). "
+            f"{_discrete_labels()} train on their 1000 discrete timesteps drawn uniformly (the "
+            "paper) and accept only uniform.")),
+        io.Float.Input("logit_mean", default=0.0, min=-3.0, max=3.0, step=0.05, optional=True, tooltip=(
+            "Mean of the logit-normal samplings (0 = centred at sigma 0.5, SD3's setting; > 0 more "
+            "noise). Used only by the logit-normal choices.")),
+        io.Float.Input("logit_std", default=1.0, min=0.05, max=3.0, step=0.05, optional=True, tooltip=(
+            "Spread of the logit-normal samplings (1 = SD3's setting; larger approaches uniform "
+            "with more weight at the ends). Used only by the logit-normal choices.")),
     ]
 
 
@@ -137,13 +182,16 @@ class TLoRATrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, variant, rank, min_rank, schedule_power, steps,
                 learning_rate, batch_size, seed, target_layers, training_dtype, gradient_checkpointing,
-                save_every, file_name, resume_from, mask=None) -> io.NodeOutput:
+                save_every, file_name, resume_from, mask=None, optimizer="AdamW", lr_schedule="constant",
+                warmup_steps=0, timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0) -> io.NodeOutput:
         config = job.resolve_config(
             inputs.family_of(model.model), variant=variant, rank=rank, min_rank=min_rank,
             schedule_power=schedule_power, steps=steps, learning_rate=learning_rate,
             batch_size=batch_size, seed=seed, target_layers=target_layers,
             training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
-            save_every=save_every)
+            save_every=save_every, optimizer=optimizer, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, logit_mean=logit_mean,
+            logit_std=logit_std)
         prepared = job.prepare_job(model, latents, positive, mask, config, file_name, resume_from)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         try:

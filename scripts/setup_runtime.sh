@@ -60,7 +60,7 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing the pinned packages for ComfyUI $version (first run takes about a minute and a half)"
   "$py" -m pip install --quiet --disable-pip-version-check -r "$reqs" 2>&1 | grep -v "is ignored" >&2 || true
-  "$py" -c "import torch, safetensors, pytest" || { log "package install failed"; exit 1; }
+  "$py" -c "import torch, safetensors, pytest, prodigyopt" || { log "package install failed"; exit 1; }
   echo "$want" > "$stamp"
 fi
 

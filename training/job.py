@@ -2,11 +2,12 @@
 
 Contract. :func:`resolve_config` fills the family's recipe defaults (``Family.recipe``,
 :mod:`tlora_core.families`) into the inputs; :func:`prepare_job` runs every check that can fail
-(family, numbers, latents, conditioning, ranks, mask, resume state, output name) before any GPU
-work or file is touched; :func:`run_job` trains (:func:`training.loop.train`), saves the T-LoRA and
-its training state atomically into the ``loras`` folder (also every ``save_every`` steps), and
-returns the MODEL with the saved file applied exactly as the T-LoRA Loader applies it (the
-caller's ``reload``), so what the graph samples with is what the file holds.
+(family, numbers, optimizer and timestep choices, latents, conditioning, ranks, mask, resume
+state, output name) before any GPU work or file is touched; :func:`run_job` trains
+(:func:`training.loop.train`), saves the T-LoRA and its training state atomically into the
+``loras`` folder (also every ``save_every`` steps), and returns the MODEL with the saved file
+applied exactly as the T-LoRA Loader applies it (the caller's ``reload``), so what the graph
+samples with is what the file holds.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from ..tlora_core.families import Family
 from ..tlora_core.files.write import save_tlora
 from ..tlora_core.inventory import inventory_from_module
 from ..tlora_core.schedule import AUTO_MIN_RANK, default_min_rank
-from . import inputs, lora_folder, report, runtime_fixes
+from . import inputs, lora_folder, optim, report, runtime_fixes
 from . import state as state_io
 from .loop import COMPUTE_DTYPES, TrainConfig, train
 from .modules import adapter_key
 from .targets import find_targets
-from .timesteps import family_rule
+from .timesteps import check_sampling, family_rule
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,10 @@ PREVIEW_EVERY = 10
 
 def resolve_config(family: Family, *, variant: str, rank: int, min_rank: int, schedule_power: float,
                    steps: int, learning_rate: float, batch_size: int, seed: int, target_layers: str,
-                   training_dtype: str, gradient_checkpointing: bool, save_every: int) -> TrainConfig:
+                   training_dtype: str, gradient_checkpointing: bool, save_every: int,
+                   optimizer: str = "AdamW", lr_schedule: str = "constant", warmup_steps: int = 0,
+                   timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                   logit_std: float = 1.0) -> TrainConfig:
     """The node's inputs with the family's recipe defaults filled in (not yet validated)."""
     if variant not in VARIANT_CHOICES:
         raise ValueError(f"unknown variant {variant!r} (choices: {', '.join(VARIANT_CHOICES)})")
@@ -58,7 +62,9 @@ def resolve_config(family: Family, *, variant: str, rank: int, min_rank: int, sc
                        learning_rate=float(learning_rate), batch_size=int(batch_size), seed=int(seed),
                        scope=target_layers, compute_dtype=training_dtype,
                        gradient_checkpointing=bool(gradient_checkpointing) or recipe.needs_checkpointing,
-                       save_every=int(save_every))
+                       save_every=int(save_every), optimizer=optimizer, lr_schedule=lr_schedule,
+                       warmup_steps=int(warmup_steps), timestep_sampling=timestep_sampling,
+                       logit_mean=float(logit_mean), logit_std=float(logit_std))
 
 
 @dataclass
@@ -79,10 +85,13 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
     """Every check that can fail, before any GPU work or file is touched."""
     base = model.model
     family = inputs.family_of(base)
-    family_rule(family, model.get_model_object("model_sampling"))
+    rule = family_rule(family, model.get_model_object("model_sampling"))
     runtime_fixes.resolve(family)
     inputs.check_numbers(config.steps, config.batch_size, config.learning_rate, config.save_every,
                          config.schedule_power)
+    optim.check_choices(config.optimizer, config.lr_schedule, config.warmup_steps, config.steps,
+                        config.learning_rate)
+    check_sampling(rule, config.timestep_sampling, config.logit_mean, config.logit_std, family.label)
     samples = inputs.latent_samples(latents, base, family)
     inputs.check_conditioning(positive, base, family, samples.shape[0])
     targets = find_targets(base.diffusion_model, family, config.scope)
@@ -94,7 +103,8 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
         resume = state_io.load_state(state_io.state_path(resume_path))
         state_io.check_compatible(resume, {"architecture": family.id, "variant": config.variant,
                                            "rank": config.rank, "scope": config.scope},
-                                  [adapter_key(t) for t in targets], config.steps)
+                                  [adapter_key(t) for t in targets], config.steps,
+                                  config.resume_options())
     path = lora_folder.output_path(file_name, resume_path)
     return TrainJob(samples, weights, positive, family, path, resume,
                     inventory_from_module(base.diffusion_model))

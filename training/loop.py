@@ -3,8 +3,9 @@
 One step: pick ``batch_size`` images, draw a noise level and noise per sample, set each sample's
 rank mask from its own timestep, predict in the model's native space (see :mod:`.objective`), take
 the (optionally subject-masked) MSE, backprop into the adapters only, clip the gradient norm and
-take an AdamW step. The random draws of step k come from a generator seeded by (seed, k) alone, so
-a run is reproducible and a resumed run continues exactly as an uninterrupted one.
+take an optimizer step (AdamW or Prodigy, at the schedule's rate for that step: :mod:`.optim`).
+The random draws of step k come from a generator seeded by (seed, k) alone, so a run is
+reproducible and a resumed run continues exactly as an uninterrupted one.
 
 Cancel (``comfy.model_management.interrupt_current_processing``) is checked before every step and
 inside every ComfyUI layer; a NaN / Inf loss stops the run with an error. Either way the hooks are
@@ -26,6 +27,7 @@ import torch
 from ..tlora_core.adapter import RankSchedule
 from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
+from . import optim
 from . import state as state_io
 from .inputs import TrainingData, family_of
 from .modules import MASKED_VARIANTS, AdapterSet, adapter_memory
@@ -62,6 +64,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0      # 0 = no clipping
     ortho_mode: str = "fast"        # tlora_core.init.ortho_init mode
     save_every: int = 0
+    optimizer: str = "AdamW"        # training.optim.OPTIMIZERS
+    lr_schedule: str = "constant"   # training.optim.LR_SCHEDULES
+    warmup_steps: int = 0
+    timestep_sampling: str = "uniform"   # training.timesteps.TIMESTEP_SAMPLINGS (flow families)
+    logit_mean: float = 0.0         # used by the logit-normal samplings
+    logit_std: float = 1.0
 
     def schedule(self) -> RankSchedule | None:
         if self.variant not in MASKED_VARIANTS:
@@ -74,9 +82,18 @@ class TrainConfig:
         if self.variant not in MASKED_VARIANTS:
             d.pop("min_rank")
             d.pop("schedule_power")
+        if not self.timestep_sampling.startswith("logit-normal"):
+            d.pop("logit_mean")
+            d.pop("logit_std")
         d.update(extra)
-        d["optimizer"] = "AdamW"
+        d["optimizer_settings"] = optim.settings(self.optimizer, self.learning_rate, self.betas,
+                                                 self.weight_decay)
         return json.dumps(d, sort_keys=True)
+
+    def resume_options(self) -> dict:
+        """The choices a training state records and a resumed run must repeat (:mod:`.optim`)."""
+        return optim.resume_options(self.optimizer, self.lr_schedule, self.warmup_steps, self.steps,
+                                    self.timestep_sampling, self.logit_mean, self.logit_std)
 
 
 @dataclass
@@ -116,21 +133,23 @@ def _identity(config: TrainConfig, architecture: str) -> dict:
             "scope": config.scope}
 
 
+def _capture(step: int, losses: list[float], identity: dict, adapters: AdapterSet, optimizer,
+             config: TrainConfig) -> state_io.TrainingState:
+    state = state_io.capture(step, losses, identity, adapters, optimizer)
+    state.options = config.resume_options()
+    state.optimizer_groups = optim.group_state(config.optimizer, optimizer)
+    return state
+
+
 def build_weights(adapters: AdapterSet, config: TrainConfig, architecture: str) -> TLoRAWeights:
     schedule = config.schedule()
     return TLoRAWeights(adapters.export(schedule), architecture, config.variant, schedule, "tlora",
                         metadata={"tlora.training": config.as_json()})
 
 
-FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
-
-
 def _optimizer(adapters: AdapterSet, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    # The fused AdamW kernel updates every adapter tensor in one call per step instead of a
-    # dozen small ops per tensor; same update rule. Other devices get the default implementation.
-    fused = True if torch.device(device).type in FUSED_OPTIMIZER_DEVICES else None
-    return torch.optim.AdamW(adapters.parameters(), lr=config.learning_rate, betas=tuple(config.betas),
-                             weight_decay=config.weight_decay, fused=fused)
+    return optim.make_optimizer(adapters.parameters(), config.optimizer, config.learning_rate,
+                                config.betas, config.weight_decay, device)
 
 
 @contextmanager
@@ -153,7 +172,8 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
     indices = sample_indices(data.images, config.batch_size, step, config.seed)
     x0, conds, weights = data.batch(indices, device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    sigma, t_schedule = draw_noise_levels(ms, len(indices), gen)
+    sigma, t_schedule = draw_noise_levels(ms, len(indices), gen, config.timestep_sampling,
+                                          config.logit_mean, config.logit_std)
     sigma = sigma.to(device)
     x_t, target = noisy_input_and_target(ms, x0, noise, sigma)
     adapters.begin_step(t_schedule.to(device))
@@ -171,6 +191,8 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
         adapters.end_step()
     if config.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(adapters.parameters(), config.max_grad_norm)
+    optim.set_step_lr(optimizer, config.learning_rate,
+                      optim.lr_factor(config.lr_schedule, step, config.steps, config.warmup_steps))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return value
@@ -202,6 +224,7 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         start = 0
         if resume is not None:
             state_io.restore(resume, adapters, optimizer)
+            optim.restore_group_state(optimizer, resume.optimizer_groups)
             start, losses = resume.step, list(resume.losses)
         predictor = NativePredictor(tp)
         identity = _identity(config, architecture)
@@ -217,9 +240,9 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
                 if on_save is not None and config.save_every and done % config.save_every == 0 \
                         and done < config.steps:
                     on_save(done, build_weights(adapters, config, architecture),
-                            state_io.capture(done, losses, identity, adapters, optimizer))
+                            _capture(done, losses, identity, adapters, optimizer, config))
             weights = build_weights(adapters, config, architecture)
-            final_state = state_io.capture(config.steps, losses, identity, adapters, optimizer)
+            final_state = _capture(config.steps, losses, identity, adapters, optimizer, config)
         finally:
             adapters.detach()
             optimizer.zero_grad(set_to_none=True)

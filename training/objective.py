@@ -7,8 +7,9 @@ instead compares denoised latents, which weights an eps model's error by sigma^2
 - discrete eps models (SDXL): ``t ~ U{0..999}``, ``sigma = sigmas[t]``, ``x_t = x0 + sigma * eps``
   (ComfyUI's EPS form of DDPM's ``sqrt(a) x0 + sqrt(1-a) eps``), target ``eps``; the rank schedule
   sees ``t`` itself, as the reference SDXL code.
-- flow models (FLUX): ``sigma ~ U(0, 1)`` unshifted (the reference code), ``x_t = (1 - sigma) x0 +
-  sigma * eps``, target the velocity ``eps - x0``; the schedule sees ``t = 1000 * sigma``.
+- flow models (FLUX): ``sigma ~ U(0, 1)`` unshifted (the reference code; the other densities of
+  :data:`.timesteps.TIMESTEP_SAMPLINGS` on request), ``x_t = (1 - sigma) x0 + sigma * eps``,
+  target the velocity ``eps - x0``; the schedule sees ``t = 1000 * sigma``.
 
 The schedule timesteps follow the one rule of :mod:`.timesteps`, which the Loader applies to the
 sigmas of sampling, so a trained adapter sees the same masks at inference as in training.
@@ -27,7 +28,7 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import torch
 
-from .timesteps import schedule_timesteps, timestep_rule
+from .timesteps import check_sampling, draw_flow_sigmas, schedule_timesteps, timestep_rule
 
 
 def objective_kind(model_sampling) -> str:
@@ -47,12 +48,14 @@ def objective_kind(model_sampling) -> str:
                      "changes the model's sampling (ModelSampling*) before training.")
 
 
-def draw_noise_levels(model_sampling, batch: int, generator: torch.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sigma (B,) float32, schedule timestep (B,) float64), drawn on the CPU from ``generator``."""
+def draw_noise_levels(model_sampling, batch: int, generator: torch.Generator, sampling: str = "uniform",
+                      logit_mean: float = 0.0, logit_std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma (B,) float32, schedule timestep (B,) float64), drawn on the CPU from ``generator``;
+    ``sampling`` etc.: :func:`.timesteps.draw_flow_sigmas` (flow models; discrete: uniform only)."""
     if objective_kind(model_sampling) == "flow":
-        sigma = torch.rand(batch, generator=generator, dtype=torch.float64)
+        sigma = draw_flow_sigmas(model_sampling, batch, generator, sampling, logit_mean, logit_std)
         return sigma.float(), schedule_timesteps(model_sampling, sigma, rule="flow")
+    check_sampling("discrete", sampling)
     n = int(model_sampling.sigmas.shape[0])
     t = torch.randint(0, n, (batch,), generator=generator)
     return model_sampling.sigmas.detach().cpu()[t].float(), t.to(torch.float64)

@@ -1,16 +1,22 @@
 """The training state saved next to a T-LoRA file, to resume training where it stopped.
 
 ``<name>.safetensors`` (the T-LoRA) gets a sidecar ``<name>.tlora-state``: a safetensors file (never
-pickle) holding every adapter tensor (trainable factors and the frozen Ortho init), the AdamW
-moments and step counts, and in its metadata the number of optimizer steps done, the loss history,
-the adapter keys and the settings that define the adapters. The extension keeps it out of
-ComfyUI's LoRA lists. The random draws of step k depend only on (seed, k) (see
+pickle) holding every adapter tensor (trainable factors and the frozen Ortho init), the
+optimizer's per-tensor state (AdamW's moments and step counts, Prodigy's too), and in its metadata
+the number of optimizer steps done, the loss history, the adapter keys, the settings that define
+the adapters (``tlora_state.identity``), the optimizer / schedule / timestep-sampling choices a
+resume must repeat (``tlora_state.options``, :func:`training.optim.resume_options`; a state
+without it was written by AdamW, constant-rate, uniform-timestep runs) and the optimizer's
+per-group running values (``tlora_state.optimizer_groups``: Prodigy's step-size estimate). The
+learning rate's schedule is a function of the step count (:func:`training.optim.lr_factor`). The
+extension keeps it out of ComfyUI's LoRA lists. The random draws of step k depend only on (seed, k) (see
 :func:`training.loop.step_generator`), so the step count is the whole RNG state: a resumed run with
 the same seed draws exactly what an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -20,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from .optim import DEFAULT_OPTIONS
 
 STATE_SUFFIX = ".tlora-state"
 STATE_VERSION = "1"
@@ -39,6 +47,9 @@ class TrainingState:
     adapter_keys: list[str]
     adapter_tensors: dict[str, torch.Tensor]   # "<adapter key>/<tensor name>"
     optimizer_tensors: dict[str, torch.Tensor]  # "<param index>/<state name>"
+    # training.optim.resume_options / training.optim.group_state
+    options: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_OPTIONS))
+    optimizer_groups: list[dict] = dataclasses.field(default_factory=list)
 
 
 def capture(step: int, losses: list[float], identity: dict, adapters, optimizer) -> TrainingState:
@@ -65,7 +76,10 @@ def save_state(path: str | os.PathLike, state: TrainingState) -> Path:
     metadata = {"tlora_state.version": STATE_VERSION, "tlora_state.step": str(state.step),
                 "tlora_state.losses": json.dumps(state.losses),
                 "tlora_state.identity": json.dumps(state.identity, sort_keys=True),
-                "tlora_state.adapter_keys": json.dumps(state.adapter_keys)}
+                "tlora_state.adapter_keys": json.dumps(state.adapter_keys),
+                "tlora_state.options": json.dumps(state.options, sort_keys=True)}
+    if state.optimizer_groups:
+        metadata["tlora_state.optimizer_groups"] = json.dumps(state.optimizer_groups)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -91,15 +105,19 @@ def load_state(path: str | os.PathLike) -> TrainingState:
             for key in f.keys():
                 kind, _, rest = key.partition("/")
                 (adapter if kind == "adapter" else opt)[rest] = f.get_tensor(key)
+        options = json.loads(meta.get("tlora_state.options", json.dumps(DEFAULT_OPTIONS)))
+        groups = json.loads(meta.get("tlora_state.optimizer_groups", "[]"))
         return TrainingState(int(meta["tlora_state.step"]), json.loads(meta["tlora_state.losses"]),
                              json.loads(meta["tlora_state.identity"]),
-                             json.loads(meta["tlora_state.adapter_keys"]), adapter, opt)
+                             json.loads(meta["tlora_state.adapter_keys"]), adapter, opt, options, groups)
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"'{path.name}' is not a usable T-LoRA training state ({err})") from err
 
 
-def check_compatible(state: TrainingState, identity: dict, adapter_keys: list[str], steps: int) -> None:
-    """ValueError unless ``state`` can continue a run with these settings for ``steps`` in total."""
+def check_compatible(state: TrainingState, identity: dict, adapter_keys: list[str], steps: int,
+                     options: dict | None = None) -> None:
+    """ValueError unless ``state`` can continue a run with these settings for ``steps`` in total;
+    ``options`` (:func:`training.optim.resume_options`) must equal the state's, None = not checked."""
     for field in IDENTITY_FIELDS:
         if state.identity.get(field) != identity.get(field):
             raise ValueError(f"the training state was made with {field} = {state.identity.get(field)!r}, "
@@ -110,6 +128,24 @@ def check_compatible(state: TrainingState, identity: dict, adapter_keys: list[st
     if state.step >= steps:
         raise ValueError(f"the training state is already at step {state.step}; set steps above "
                          f"{state.step} to train further")
+    if options is not None:
+        _check_options(state.options, options)
+
+
+def _check_options(saved: dict, ours: dict) -> None:
+    """The main choices first (their names are the node's inputs), then what they imply."""
+    order = ["optimizer", "lr_schedule", "warmup_steps", "timestep_sampling", "logit_mean", "logit_std"]
+    for key in order + sorted((set(saved) | set(ours)) - set(order) - {"schedule_steps"}):
+        if saved.get(key) != ours.get(key):
+            raise ValueError(f"the training state was made with {key} = {saved.get(key)!r} (metadata "
+                             f"tlora_state.options), this run has {ours.get(key)!r}: use the same "
+                             f"{key} to resume")
+    if saved.get("schedule_steps") != ours.get("schedule_steps"):
+        raise ValueError(f"the training state's cosine learning-rate schedule runs over "
+                         f"{saved.get('schedule_steps')} steps (metadata tlora_state.options: "
+                         f"schedule_steps), this run has steps = {ours.get('schedule_steps')}: set steps "
+                         f"to {saved.get('schedule_steps')} to resume it (a cosine schedule cannot be "
+                         "stretched)")
 
 
 def restore(state: TrainingState, adapters, optimizer) -> None:

@@ -14,9 +14,20 @@ reference code feeds it, by the family's rule (``Family.timestep``, :mod:`tlora_
 
 A model whose sampling does not fit its family's rule (a ModelSampling* node switched it to
 continuous EDM / V sampling) is refused with a message, before anything is patched.
+
+Training draws the noise levels here too (:func:`draw_flow_sigmas`, :data:`TIMESTEP_SAMPLINGS`), so
+the sigma the trainer samples and the timestep the schedule sees come from one place. Flow
+families: ``uniform`` ``sigma ~ U(0, 1)`` (the reference code), ``logit-normal``
+``sigma = sigmoid(n)``, ``n ~ N(logit_mean, logit_std^2)`` (SD3's training density), and either of
+them ``shifted`` by the model's own sampling shift (``model_sampling.sigma(model_sampling.timestep(u))``,
+the noise level the model's sampler gives to the fraction ``u`` of its schedule: FLUX's
+``exp(shift) / (exp(shift) + 1 / u - 1)``, SD3's ``shift u / (1 + (shift - 1) u)``). Discrete
+families train on their 1000 timesteps drawn uniformly (the paper) and accept only ``uniform``.
 """
 
 from __future__ import annotations
+
+import math
 
 import comfy.model_sampling
 import torch
@@ -71,3 +82,35 @@ def schedule_timesteps(model_sampling, sigma: torch.Tensor, T: int = DEFAULT_T,
     # subclass that redefines timestep() (EDM variants) still gives the training timestep.
     t = comfy.model_sampling.ModelSamplingDiscrete.timestep(model_sampling, sigma)
     return t.to(torch.float64).clamp(0, T)
+
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal", "uniform shifted", "logit-normal shifted")
+
+
+def check_sampling(rule: str, sampling: str, logit_mean: float = 0.0, logit_std: float = 1.0,
+                   label: str = "this model") -> None:
+    """ValueError for an unknown sampling, a non-uniform one on a discrete family, or a bad std."""
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"unknown timestep_sampling {sampling!r} (choices: {', '.join(TIMESTEP_SAMPLINGS)})")
+    if rule != "flow" and sampling != "uniform":
+        raise ValueError(f"timestep_sampling {sampling!r} is for flow models (FLUX, SD3, ...); {label} "
+                         "trains on its 1000 discrete timesteps drawn uniformly, as the paper: set "
+                         "timestep_sampling to uniform")
+    if sampling.startswith("logit-normal") and not (
+            math.isfinite(logit_mean) and math.isfinite(logit_std) and logit_std > 0):
+        raise ValueError(f"logit_std must be a positive number and logit_mean finite, got "
+                         f"{logit_std} and {logit_mean}")
+
+
+def draw_flow_sigmas(model_sampling, batch: int, generator: torch.Generator, sampling: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Per-sample training sigmas (B,) float64 in [0, 1] of a flow model, drawn on the CPU from
+    ``generator`` by ``sampling`` (see the module docstring)."""
+    if sampling.startswith("logit-normal"):
+        normal = torch.randn(batch, generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(normal * float(logit_std) + float(logit_mean))
+    else:
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    if sampling.endswith("shifted"):
+        u = torch.as_tensor(model_sampling.sigma(model_sampling.timestep(u)), dtype=torch.float64)
+    return u
