@@ -90,6 +90,28 @@ def test_prodigy_uses_the_reference_settings(mods):
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["eps"] == 1e-8
 
 
+@pytest.mark.parametrize("optimizer", ["AdamW", "Prodigy"])
+def test_memory_asked_for_counts_each_optimizers_state(mods, optimizer):
+    from comfyui_tlora.training import modules, targets
+
+    _, optim, _, _ = mods
+    found = [targets.TrainTarget("a", None, 24, 20), targets.TrainTarget("b", None, 16, 12)]
+    adapters = modules.AdapterSet(found, "vanilla", 6, seed=0)
+    with torch.no_grad():   # Prodigy keeps only a scalar p0 for an all-zero factor: count the full case
+        for p in adapters.parameters():
+            p.add_(0.5)
+    made = optim.make_optimizer(adapters.parameters(), optimizer, 1.0, (0.9, 0.999), 1e-4,
+                                torch.device("cpu"))
+    for p in adapters.parameters():
+        p.grad = torch.ones_like(p)
+    made.step()
+    state = sum(t.numel() * t.element_size() for s in made.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.ndim > 0)
+    params = sum(p.numel() * p.element_size() for p in adapters.parameters())
+    need = modules.adapter_memory(found, "vanilla", 6, optim.STATE_COPIES[optimizer])
+    assert need["state_bytes"] == 2 * params + state   # parameters, gradients, optimizer state
+
+
 def test_uniform_sampling_is_the_reference_draw(comfy, mods):
     _, _, _, timesteps = mods
     ms = comfy.build_model("flux").model.model_sampling

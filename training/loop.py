@@ -213,7 +213,7 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         log.info("T-LoRA Train: gradient checkpointing forced on (%s blocks update in place)",
                  family.label)
     targets = find_targets(dm, family, config.scope)
-    need = adapter_memory(targets, config.variant, config.rank)
+    need = adapter_memory(targets, config.variant, config.rank, optim.STATE_COPIES[config.optimizer])
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
             memory_required=need["state_bytes"] + need["step_factor_bytes"]) as tp:

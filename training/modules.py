@@ -53,16 +53,18 @@ def adapter_key(target: TrainTarget) -> str:
     return f"{target.module}@{target.out_rows[0]}:{target.out_rows[1]}"
 
 
-def adapter_memory(targets: Iterable[TrainTarget], variant: str, rank: int) -> dict[str, int]:
+def adapter_memory(targets: Iterable[TrainTarget], variant: str, rank: int,
+                   optimizer_copies: int = 2) -> dict[str, int]:
     """What a run's adapters need on the device (fp32): ``state_bytes`` for the parameters, their
-    gradients and AdamW's two moments (and the frozen init of the Ortho variants), and
+    gradients and the optimizer's ``optimizer_copies`` parameter-sized buffers (AdamW's two
+    moments; :data:`training.optim.STATE_COPIES`) (and the frozen init of the Ortho variants), and
     ``step_factor_bytes`` for one step's Ortho factors (2 x rank columns) and their gradients."""
     ortho = variant in ORTHO_VARIANTS
     params = factors = 0
     for t in targets:
         params += rank * (t.rows + t.in_features) + (rank if ortho else 0)
         factors += 2 * rank * (t.rows + t.in_features) if ortho else 0
-    copies = 4 + (1 if ortho else 0)
+    copies = 2 + optimizer_copies + (1 if ortho else 0)
     size = ADAPTER_DTYPE.itemsize
     return {"trainable_params": params, "state_bytes": size * params * copies,
             "step_factor_bytes": size * 2 * factors}

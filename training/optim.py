@@ -37,6 +37,9 @@ ADAMW_EPS = 1e-8
 # Per-group running values each optimizer updates in ``param_groups`` (hyperparameters excluded).
 GROUP_STATE = {"AdamW": (), "Prodigy": ("d", "d_max", "d_numerator", "d_denom", "d_hat", "k")}
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
+STATE_COPIES = {"AdamW": 2, "Prodigy": 4}
+"""Parameter-sized buffers each optimizer keeps: Adam's two moments; Prodigy's also ``s`` and ``p0``
+(``p0`` is a scalar for a factor that starts at zero, so 4 is Prodigy's most)."""
 DEFAULT_OPTIONS = {"optimizer": "AdamW", "lr_schedule": "constant", "warmup_steps": 0,
                    "timestep_sampling": "uniform"}
 """The options of a training state written before they were recorded (what those runs used)."""
