@@ -188,6 +188,7 @@ def _prompts(key: str) -> list[str]:
 # Column x positions; every block below is placed on this grid so nothing overlaps.
 COL_A, COL_B, COL_C, COL_D, COL_E = 0, 380, 760, 1200, 1660
 ROW = 300  # vertical pitch of one prompt row (a KSampler is 264 high)
+TRAIN_PITCH = 660  # vertical pitch of one T-LoRA Train block (the node is 600 high)
 
 
 def _concept_latent(g: Graph, vae: tuple[Node, str | int], image_pos: tuple[float, float],
@@ -342,7 +343,8 @@ def _train_and_generate(info: dict, flux: bool) -> dict:
     positive, latent = _training_inputs(g, clip, vae, flux)
     train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, sample, (COL_C, 500), (COL_D, 500), None, settings["rank"], settings["min_rank"])
+    _schedule_preview(g, model, sample, (COL_C, TRAIN_PITCH - 20), (COL_D, 500), None, settings["rank"],
+                      settings["min_rank"])
     family = "flux" if flux else "sdxl"
     _sample_column(g, (train, "model"), clip, vae, _prompts(f"{family}_train"), sample, COL_E, 0, flux,
                    f"tlora/{family}_trained")
@@ -513,10 +515,11 @@ def sdxl_lora_vs_tlora(info: dict) -> dict:
             "T-LoRA": ({**SDXL_TRAIN, "save_every": 0}, "tlora/sks_dog_sdxl_tlora")}
     trained = {}
     for index, (label, (settings, name)) in enumerate(runs.items()):
-        trained[label] = _trainer(g, model, latent, positive, settings, name, (COL_C, index * 520), f"Train {label}")
-        _train_outputs(g, trained[label], COL_D, index * 520, f"{label} loss")
+        trained[label] = _trainer(g, model, latent, positive, settings, name, (COL_C, index * TRAIN_PITCH),
+                                  f"Train {label}")
+        _train_outputs(g, trained[label], COL_D, index * TRAIN_PITCH, f"{label} loss")
     # The sampling grid sits below the training part; the saved grid to the right of it.
-    base = 1060
+    base = len(runs) * TRAIN_PITCH + 20
     negative, empty = _negative_and_latent(g, clip, COL_A, base, flux=False)
     rows = []
     for index, text in enumerate(_prompts("compare")):
