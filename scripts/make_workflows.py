@@ -397,19 +397,30 @@ def _plain_training_inputs(g: Graph, clip, vae, image_y: float) -> tuple[Node, N
     return prompt, _concept_latent(g, vae, (COL_A, image_y), (COL_B, 540))
 
 
+def _shifted_training(g: Graph, files: tuple[str, str, str, str], shift: float, settings: dict, sample: dict,
+                      lora: str) -> tuple[Node, tuple, tuple]:
+    """Load Diffusion Model -> ModelSamplingAuraFlow (the shift every sampler of the graph reads;
+    the trainer's noise levels do not change with it), one text encoder, the VAE, the training
+    prompt and photo, T-LoRA Train with its outputs and a Schedule Preview: ``(train, clip, vae)``.
+    ``files``: (diffusion model, text encoder, CLIPLoader type, VAE)."""
+    unet, clip, vae = _single_encoder_loaders(g, *files)
+    shifted = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": shift}, width=340)
+    g.link(unet[0], unet[1], shifted, "model")
+    model = (shifted, "MODEL")
+    positive, latent = _plain_training_inputs(g, clip, vae, 880)
+    train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
+    _train_outputs(g, train, COL_D, 0)
+    _schedule_preview(g, model, sample, (COL_C, TRAIN_PITCH - 20), (COL_D, 500), None, settings["rank"],
+                      settings["min_rank"])
+    return train, clip, vae
+
+
 def zimage_train_and_generate(info: dict) -> dict:
     g = Graph(info)
     g.note(NOTE_TRAIN.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(ZIMAGE_TRAIN),
                              lora=ZIMAGE_LORA) + NOTE_ZIMAGE, (COL_A, 0), width=720, height=300)
-    unet, clip, vae = _single_encoder_loaders(g, ZIMAGE_UNET, QWEN3_4B, "lumina2", ZIMAGE_VAE)
-    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": ZIMAGE_SHIFT}, width=340)
-    g.link(unet[0], unet[1], shift, "model")
-    model = (shift, "MODEL")
-    positive, latent = _plain_training_inputs(g, clip, vae, 860)
-    train = _trainer(g, model, latent, positive, ZIMAGE_TRAIN, ZIMAGE_LORA, (COL_C, 0), "T-LoRA Train")
-    _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, ZIMAGE_SAMPLE, (COL_C, 500), (COL_D, 500), None, ZIMAGE_TRAIN["rank"],
-                      ZIMAGE_TRAIN["min_rank"])
+    train, clip, vae = _shifted_training(g, (ZIMAGE_UNET, QWEN3_4B, "lumina2", ZIMAGE_VAE), ZIMAGE_SHIFT,
+                                         ZIMAGE_TRAIN, ZIMAGE_SAMPLE, ZIMAGE_LORA)
     x = COL_E
     negative, empty = _negative_and_latent(g, clip, x, 0, flux=True)   # EmptySD3LatentImage: 16 channels
     decoded = []
@@ -491,16 +502,8 @@ def qwen_image_train_and_generate(info: dict) -> dict:
     g.note(NOTE_TRAIN_QWEN_IMAGE.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(QWEN_TRAIN),
                                         lora=QWEN_LORA, shift=QWEN_SHIFT, cfg=QWEN_SAMPLE["cfg"]),
            (COL_A, 0), width=720, height=300)
-    unet, clip, vae = _single_encoder_loaders(g, QWEN_UNET, QWEN_CLIP, "qwen_image", QWEN_VAE)
-    # The shift every sampler of the graph reads (and the trainer, whose noise levels it does not change).
-    shift = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": QWEN_SHIFT}, width=340)
-    g.link(unet[0], unet[1], shift, "model")
-    model = (shift, "MODEL")
-    prompt, latent = _plain_training_inputs(g, clip, vae, 880)
-    train = _trainer(g, model, latent, prompt, QWEN_TRAIN, QWEN_LORA, (COL_C, 0), "T-LoRA Train")
-    _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, QWEN_SAMPLE, (COL_C, 500), (COL_D, 500), None, QWEN_TRAIN["rank"],
-                      QWEN_TRAIN["min_rank"])
+    train, clip, vae = _shifted_training(g, (QWEN_UNET, QWEN_CLIP, "qwen_image", QWEN_VAE), QWEN_SHIFT,
+                                         QWEN_TRAIN, QWEN_SAMPLE, QWEN_LORA)
     _qwen_image_sample_column(g, (train, "model"), clip, vae, _prompts("qwen_image_train"), COL_E, 0)
     return g.build()
 
