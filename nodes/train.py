@@ -12,11 +12,11 @@ import sys
 import traceback
 
 import comfy.model_management
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..tlora_core import families
 from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT
-from ..training import inputs, job, lora_folder, optim, report, timesteps
+from ..training import inputs, job, lora_folder, optim, report, timesteps, validation
 from ..training.loop import COMPUTE_DTYPES
 from ..training.targets import SCOPES
 from .loader import load_for_model
@@ -103,6 +103,7 @@ def _inputs() -> list:
             "Optional subject mask (white = subject): the loss counts only the masked area, so the "
             "background is not learnt (the reference FLUX recipe). Image or latent size.")),
         *_optimizer_inputs(),
+        *_validation_inputs(),
     ]
 
 
@@ -150,6 +151,47 @@ def _optimizer_inputs() -> list:
     ]
 
 
+def _validation_inputs() -> list:
+    """Validation samples during the run (:mod:`training.validation`); every one optional."""
+    return [
+        io.Int.Input("validation_every", default=0, min=0, max=100000, optional=True, tooltip=(
+            "Sample a validation image every N steps and after the last step, with the T-LoRA as "
+            "trained so far (applied as T-LoRA Loader applies it). 0 = off. Each image is shown in "
+            "the node's preview as it arrives, saved as <file_name>_stepNNNNN.png beside the "
+            "checkpoints, and collected in the validation output. Sampling does not change the "
+            "training result.")),
+        io.Conditioning.Input("validation_positive", optional=True, tooltip=(
+            "The prompt to sample with, e.g. 'a photo of sks dog on the beach' (a new context "
+            "shows whether the concept generalises). Needed when validation_every > 0.")),
+        io.Conditioning.Input("validation_negative", optional=True, tooltip=(
+            "Negative prompt for the validation samples. Not connected = the positive prompt is "
+            "used (then CFG has no effect, as for FLUX with CFG 1).")),
+        io.Vae.Input("validation_vae", optional=True, tooltip=(
+            "The model's VAE, to decode the validation samples into real images. Not connected = "
+            "ComfyUI's fast latent-to-RGB preview colours (1/8 size, approximate), which costs "
+            "nothing but shows only composition and colour.")),
+        io.Int.Input("validation_steps", default=20, min=1, max=1000, optional=True, tooltip=(
+            "Sampler steps per validation image (as KSampler's steps). Each validation image costs "
+            "about this many model calls (twice with CFG > 1).")),
+        io.Float.Input("validation_cfg", default=5.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       optional=True, tooltip=(
+                           "CFG of the validation samples (as KSampler's cfg). About 5-7 for SDXL; "
+                           "1.0 for FLUX (guidance-distilled), which also halves the cost.")),
+        io.Int.Input("validation_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, optional=True,
+                     tooltip=("Noise seed of the validation samples: the same for every step, so "
+                              "the images differ only by what the T-LoRA has learnt. Independent "
+                              "of the training seed.")),
+        io.Int.Input("validation_width", default=0, min=0, max=16384, step=8, optional=True, tooltip=(
+            "Width of the validation images in pixels. 0 = the training image's size.")),
+        io.Int.Input("validation_height", default=0, min=0, max=16384, step=8, optional=True, tooltip=(
+            "Height of the validation images in pixels. 0 = the training image's size.")),
+        io.Combo.Input("validation_sampler", options=list(validation.SAMPLERS), default="euler",
+                       optional=True, tooltip="ComfyUI sampler of the validation samples (as KSampler's)."),
+        io.Combo.Input("validation_scheduler", options=list(validation.SCHEDULERS), default="normal",
+                       optional=True, tooltip="ComfyUI scheduler of the validation samples (as KSampler's)."),
+    ]
+
+
 def _outputs() -> list:
     return [
         io.Model.Output(display_name="model", tooltip="The input MODEL with the trained T-LoRA applied "
@@ -157,6 +199,9 @@ def _outputs() -> list:
         io.String.Output(display_name="file_name", tooltip="The saved file's name in the loras folder."),
         io.Image.Output(display_name="loss_curve", tooltip="Training loss per step (light) and its "
                         "moving average (dark)."),
+        io.Image.Output(display_name="validation", tooltip="Every validation image of the run in one "
+                        "grid, in step order, each labelled with its step (a placeholder when "
+                        "validation_every is 0)."),
     ]
 
 
@@ -183,7 +228,11 @@ class TLoRATrain(io.ComfyNode):
     def execute(cls, model, latents, positive, variant, rank, min_rank, schedule_power, steps,
                 learning_rate, batch_size, seed, target_layers, training_dtype, gradient_checkpointing,
                 save_every, file_name, resume_from, mask=None, optimizer="AdamW", lr_schedule="constant",
-                warmup_steps=0, timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0) -> io.NodeOutput:
+                warmup_steps=0, timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, validation_every=0,
+                validation_positive=None, validation_negative=None, validation_vae=None,
+                validation_steps=20, validation_cfg=5.0, validation_seed=0, validation_width=0,
+                validation_height=0, validation_sampler="euler",
+                validation_scheduler="normal") -> io.NodeOutput:
         config = job.resolve_config(
             inputs.family_of(model.model), variant=variant, rank=rank, min_rank=min_rank,
             schedule_power=schedule_power, steps=steps, learning_rate=learning_rate,
@@ -192,11 +241,19 @@ class TLoRATrain(io.ComfyNode):
             save_every=save_every, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, logit_mean=logit_mean,
             logit_std=logit_std)
+        settings = validation.ValidationSettings(
+            every=int(validation_every or 0), positive=validation_positive, negative=validation_negative,
+            steps=int(validation_steps), cfg=float(validation_cfg), seed=int(validation_seed),
+            width=int(validation_width), height=int(validation_height), sampler=validation_sampler,
+            scheduler=validation_scheduler, vae=validation_vae)
         prepared = job.prepare_job(model, latents, positive, mask, config, file_name, resume_from)
+        validation.check(settings, model, prepared.family, prepared.samples)
+        validator = validation.Validator(settings, prepared.path, prepared.samples.shape, install) \
+            if settings.on else None
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         try:
             out_model, path, losses = job.run_job(model, prepared, config, _reload, node_id=node_id,
-                                                  send_text=_progress_sender(node_id))
+                                                  send_text=_progress_sender(node_id), validator=validator)
         except BaseException as err:
             # Cancel / NaN / OOM: the traceback's frames still hold the step's activations and the
             # adapters; drop them so the memory is really free before the error reaches the UI.
@@ -205,8 +262,10 @@ class TLoRATrain(io.ComfyNode):
         finally:
             comfy.model_management.soft_empty_cache()
         title = f"T-LoRA {config.variant} r{config.rank} - {path.stem}"
+        grid = (validator or validation.Validator(settings, path, prepared.samples.shape, install)).grid()
         return io.NodeOutput(out_model, lora_folder.display_name(path),
-                             report.image_tensor(report.loss_curve(losses, title)))
+                             report.image_tensor(report.loss_curve(losses, title)), grid,
+                             ui=ui.PreviewImage(grid, cls=cls) if validator is not None else None)
 
 
 def _reload(model, lora_name: str):

@@ -24,10 +24,16 @@ DEFAULTS = dict(variant="auto", rank=4, min_rank=0, schedule_power=1.0, steps=3,
 
 
 def run_node(model, latents, positive, mask=None, **overrides):
+    """(model, file_name, loss_curve): the node's first three outputs (validation: its own tests)."""
+    return run_node_outputs(model, latents, positive, mask, **overrides).args[:3]
+
+
+def run_node_outputs(model, latents, positive, mask=None, **overrides):
+    """The node's whole NodeOutput."""
     from comfyui_tlora.nodes.train import TLoRATrain
 
     with torch.inference_mode():   # as ComfyUI runs nodes
-        return TLoRATrain.execute(model, latents, positive, mask=mask, **{**DEFAULTS, **overrides}).args
+        return TLoRATrain.execute(model, latents, positive, mask=mask, **{**DEFAULTS, **overrides})
 
 
 def files_in(folder) -> list[str]:

@@ -24,7 +24,7 @@ from ..tlora_core.families import Family
 from ..tlora_core.files.write import save_tlora
 from ..tlora_core.inventory import inventory_from_module
 from ..tlora_core.schedule import AUTO_MIN_RANK, default_min_rank
-from . import inputs, lora_folder, optim, report, runtime_fixes
+from . import inputs, lora_folder, optim, report, runtime_fixes, validation
 from . import state as state_io
 from .loop import COMPUTE_DTYPES, TrainConfig, train
 from .modules import adapter_key
@@ -118,28 +118,41 @@ def _save(path: Path, weights, state, config: TrainConfig, job: TrainJob, step: 
     state_io.save_state(state_io.state_path(path), state)
 
 
-def _progress(config: TrainConfig, job: TrainJob, node_id, send_text: Callable[[str], None] | None):
+def _progress(config: TrainConfig, job: TrainJob, node_id, send_text: Callable[[str], None] | None,
+              validator: validation.Validator | None = None):
     bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
     if job.resume is not None:
         bar.update_absolute(job.resume.step, config.steps)
+    seen: list[float] = []
+
+    def image(losses):
+        curve = report.loss_curve(losses)
+        return curve if validator is None else validator.preview(curve)
 
     def on_step(step, total, loss, losses):
+        seen[:] = losses
         preview = None
         if step % PREVIEW_EVERY == 0 or step == total:
-            preview = ("JPEG", report.loss_curve(losses), report.WIDTH)
+            preview = ("JPEG", image(losses), report.WIDTH)
         bar.update_absolute(step, total, preview)
         if send_text is not None:
             send_text(report.progress_text(step, total, loss, losses))
 
+    if validator is not None:
+        # A new validation image is shown at once, not at the next preview step.
+        validator.show = lambda step: bar.update_absolute(step, config.steps,
+                                                          ("JPEG", image(seen), report.WIDTH))
     return on_step
 
 
 def run_job(model, job: TrainJob, config: TrainConfig, reload: Callable[[object, str], object], *,
-            node_id=None, send_text: Callable[[str], None] | None = None):
+            node_id=None, send_text: Callable[[str], None] | None = None,
+            validator: validation.Validator | None = None):
     """Train, save, and return (MODEL with the saved T-LoRA applied, saved path, losses).
 
     ``reload(model, lora_name)``: the T-LoRA Loader's own read-and-apply of a file in the loras
-    folder, returning a patched clone of ``model``.
+    folder, returning a patched clone of ``model``. ``validator``: validation samples during the
+    run (:mod:`training.validation`), None = none.
     """
     with torch.inference_mode(False):
         data = inputs.prepare_data(model.model, job.family, job.samples, job.positive, job.weights,
@@ -148,8 +161,10 @@ def run_job(model, job: TrainJob, config: TrainConfig, reload: Callable[[object,
     def on_save(step, weights, state):
         _save(lora_folder.intermediate_path(job.path, step), weights, state, config, job, step)
 
-    result = train(model, data, config, resume=job.resume, on_step=_progress(config, job, node_id, send_text),
-                   on_save=on_save)
+    result = train(model, data, config, resume=job.resume,
+                   on_step=_progress(config, job, node_id, send_text, validator), on_save=on_save,
+                   on_validate=None if validator is None else validator.sample,
+                   validate_every=0 if validator is None else validator.settings.every)
     _save(job.path, result.weights, result.state, config, job, result.step)
     out = reload(model, lora_folder.display_name(job.path))
     log.info("T-LoRA Train: saved %s after %d steps (final loss %.4f)", job.path, result.step,

@@ -10,6 +10,10 @@ reproducible and a resumed run continues exactly as an uninterrupted one.
 Cancel (``comfy.model_management.interrupt_current_processing``) is checked before every step and
 inside every ComfyUI layer; a NaN / Inf loss stops the run with an error. Either way the hooks are
 removed and the model is restored before the exception leaves :func:`train`.
+
+Validation samples (``on_validate``, :mod:`.validation`) run between steps, with the training hooks
+off and the adapter in its saved-file form; they draw nothing from the step generators, so a run
+gives the same adapter with and without them.
 """
 
 from __future__ import annotations
@@ -108,6 +112,10 @@ StepCallback = Callable[[int, int, float, list[float]], None]
 """``on_step(step, total, loss, losses)`` after every optimizer step."""
 SaveCallback = Callable[[int, "TLoRAWeights", "state_io.TrainingState"], None]
 """``on_save(step, weights, state)`` every ``save_every`` steps (not at the last step)."""
+ValidateCallback = Callable[[int, "TLoRAWeights", object], None]
+"""``on_validate(step, weights, patcher)`` every ``validate_every`` steps and after the last one,
+with the training hooks off: ``patcher`` is the loaded training clone, to sample a clone of (see
+:mod:`training.validation`); the callback must leave it loaded as it found it."""
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -199,7 +207,8 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
 
 
 def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.TrainingState | None = None,
-          on_step: StepCallback | None = None, on_save: SaveCallback | None = None) -> TrainResult:
+          on_step: StepCallback | None = None, on_save: SaveCallback | None = None,
+          on_validate: ValidateCallback | None = None, validate_every: int = 0) -> TrainResult:
     """Train a T-LoRA on ``patcher``'s model (never modified) and return the exported weights.
 
     ``data`` comes from :func:`training.inputs.prepare_data`; ``resume`` from
@@ -228,7 +237,8 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
             start, losses = resume.step, list(resume.losses)
         predictor = NativePredictor(tp)
         identity = _identity(config, architecture)
-        adapters.attach(tp.model.diffusion_model, RankState(strict=True), config.schedule())
+        rank_state = RankState(strict=True)
+        adapters.attach(tp.model.diffusion_model, rank_state, config.schedule())
         try:
             for step in range(start, config.steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -241,6 +251,14 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
                         and done < config.steps:
                     on_save(done, build_weights(adapters, config, architecture),
                             _capture(done, losses, identity, adapters, optimizer, config))
+                if on_validate is not None and validate_every and (
+                        done % validate_every == 0 or done == config.steps):
+                    weights = build_weights(adapters, config, architecture)
+                    adapters.detach()   # the sample runs the saved-file form, not the training hooks
+                    try:
+                        on_validate(done, weights, tp)
+                    finally:
+                        adapters.attach(tp.model.diffusion_model, rank_state, config.schedule())
             weights = build_weights(adapters, config, architecture)
             final_state = _capture(config.steps, losses, identity, adapters, optimizer, config)
         finally:

@@ -1,0 +1,165 @@
+"""Validation samples of T-LoRA Train in the real runtime: the training result is unchanged, the
+image is what the Loader + KSampler make of the checkpoint, files and outputs, isolation, Cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import train_helpers as th
+from PIL import Image
+from safetensors.torch import load_file
+from test_train_node import _graph, files_in, run_node_outputs
+
+import comfy_runtime
+
+pytestmark = pytest.mark.comfy
+
+FAMILIES = ("sdxl", "flux")
+VALIDATION = dict(validation_every=2, validation_steps=2, validation_cfg=1.0, validation_seed=3)
+
+
+def _validation(positive, **overrides):
+    return {**VALIDATION, "validation_positive": positive, **overrides}
+
+
+@pytest.fixture
+def watch_install(monkeypatch):
+    """Records, at every model call of a validation sample, whether autograd was on, and lets a
+    test act there (``on_call``); the sampling still goes through the Loader's install."""
+    import comfy.patcher_extension
+    from comfyui_tlora.nodes import train as train_node
+
+    calls, holders, actions = [], [], []
+    real_install = train_node.install
+
+    def record(executor, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        for action in actions:
+            action()
+        return executor(*args, **kwargs)
+
+    def install(patcher, weights, strength):
+        holders.append(real_install(patcher, weights, strength))
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_watch", record)
+        return holders[-1]
+
+    monkeypatch.setattr(train_node, "install", install)
+    return calls, holders, actions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_adapter_with_and_without_validation(family, loras_dir, watch_install):
+    calls, holders, _ = watch_install
+    model, latents, positive = th.node_inputs(family)
+    torch.manual_seed(11)
+    run_node_outputs(model, latents, positive, steps=5, file_name="plain")
+    rng_plain = torch.get_rng_state()
+    torch.manual_seed(11)
+    run_node_outputs(model, latents, positive, steps=5, file_name="val", **_validation(positive))
+    assert torch.equal(torch.get_rng_state(), rng_plain)   # the global RNG is left as training leaves it
+    plain, val = load_file(loras_dir / "plain.safetensors"), load_file(loras_dir / "val.safetensors")
+    assert plain.keys() == val.keys() and all(torch.equal(plain[k], val[k]) for k in plain)
+    # Steps 2, 4 and the last (5), each sampled through the Loader's holder (2 sampler steps),
+    # without autograd; the first and last holders are the output MODELs' (never sampled here).
+    assert [h.calls for h in holders] == [0, 2, 2, 2, 0]
+    assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_validation_image_is_the_loaders_sample_of_the_checkpoint(family, loras_dir, comfy, comfy_nodes):
+    from comfyui_tlora.training import validation
+
+    model, latents, positive = th.node_inputs(family)
+    before = th.snapshot(model)
+    out = run_node_outputs(model, latents, positive, steps=4, save_every=2, file_name="v",
+                           **_validation(positive))
+    th.assert_restored(before, model)
+    assert not model.attachments and not model.injections
+    assert files_in(loras_dir) == ["v.safetensors", "v.tlora-state", "v_step00002.png",
+                                   "v_step00002.safetensors", "v_step00002.tlora-state", "v_step00004.png"]
+    loader = comfy_nodes.NODE_CLASS_MAPPINGS["TLoRALoader"]
+    settings = validation.ValidationSettings(**{"every": 2, "steps": 2, "cfg": 1.0, "seed": 3})
+    tiles = []
+    for step, name in ((2, "v_step00002.safetensors"), (4, "v.safetensors")):
+        with torch.inference_mode():
+            loaded = loader.execute(model, name, 1.0, -1, 0.0, False).args[0]
+            latent = comfy.sample(loaded, family, steps=2, size=th.SIZE, seed=3, cfg=1.0,
+                                  positive=positive, negative=positive)
+        expected = np.asarray(validation.to_pil(validation._to_image(settings, model.model.latent_format, latent)))
+        written = np.asarray(Image.open(loras_dir / f"v_step{step:05d}.png"))
+        assert np.array_equal(written, expected)
+        tiles.append(written)
+    grid = out.args[3]
+    h, w = tiles[0].shape[:2]
+    assert grid.shape == (1, h + validation.TILE_LABEL, 2 * w, 3)
+    got = (grid[0].numpy() * 255).round().astype(int)
+    assert np.array_equal(got[validation.TILE_LABEL:, :w], tiles[0])
+    assert np.array_equal(got[validation.TILE_LABEL:, w:], tiles[1])
+    assert out.ui is not None and len(out.ui.as_dict()["images"]) == 1
+
+
+def test_validation_off_keeps_the_run_and_outputs_a_placeholder(loras_dir, watch_install):
+    _, holders, _ = watch_install
+    model, latents, positive = th.node_inputs("flux")
+    out = run_node_outputs(model, latents, positive, steps=2, validation_positive=positive)
+    assert len(out.args) == 4 and out.args[3].shape[0] == 1 and out.ui is None
+    assert [h.calls for h in holders] == [0]   # only the output MODEL's, never sampled
+    assert files_in(loras_dir) == ["tlora/t.safetensors", "tlora/t.tlora-state"]
+
+
+def test_vae_decodes_the_validation_samples(loras_dir):
+    import tiny_nodes
+
+    model, latents, positive = th.node_inputs("sdxl")
+    with torch.inference_mode():
+        vae = tiny_nodes.build_tiny_vae("sdxl")
+    out = run_node_outputs(model, latents, positive, steps=2, file_name="d",
+                           **_validation(positive, validation_vae=vae, validation_width=48,
+                                         validation_height=32))
+    assert Image.open(loras_dir / "d_step00002.png").size == (48, 32)   # decoded: full pixel size
+    assert out.args[3].shape[1:] == (32 + 14, 48, 3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cancel_during_a_validation_sample_stops_cleanly(family, loras_dir, watch_install):
+    import comfy.model_management as mm
+
+    calls, _, actions = watch_install
+    actions.append(lambda: mm.interrupt_current_processing(True))
+    model, latents, positive = th.node_inputs(family)
+    before = th.snapshot(model)
+    with pytest.raises(mm.InterruptProcessingException):
+        run_node_outputs(model, latents, positive, steps=50, save_every=0, **_validation(positive))
+    assert len(calls) == 1   # stopped at the first sampler step of the first validation sample
+    th.assert_restored(before, model)
+    assert not model.attachments and not model.injections
+    assert not mm.processing_interrupted()
+    assert files_in(loras_dir) == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(validation_positive=None), "validation_positive is not connected"),
+    (dict(validation_sampler="nope"), "unknown validation_sampler"),
+    (dict(validation_width=4), "smaller than one latent pixel"),
+])
+def test_bad_validation_inputs_fail_before_training(bad, message, loras_dir, watch_install):
+    _, holders, _ = watch_install
+    model, latents, positive = th.node_inputs("sdxl")
+    with pytest.raises(ValueError, match=message):
+        run_node_outputs(model, latents, positive, steps=2, **{**_validation(positive), **bad})
+    assert files_in(loras_dir) == [] and not holders
+
+
+def test_validation_in_the_real_prompt_executor(loras_dir, comfy):
+    graph = _graph("sdxl", steps=4)
+    graph["5"]["inputs"].update(VALIDATION, validation_positive=["2", 0], validation_vae=["1", 2],
+                                file_name="exec")
+    graph["11"] = {"class_type": "PreviewImage", "inputs": {"images": ["5", 3]}}
+    executor, server = comfy.run_prompt(graph)
+    assert executor.success, [m for m in server.messages if m[0] == "execution_error"]
+    assert {"exec_step00002.png", "exec_step00004.png"} <= set(files_in(loras_dir))
+    outputs = executor.history_result["outputs"]
+    assert len(outputs["5"]["images"]) == 1 and len(outputs["11"]["images"]) == 1
+    grid = comfy_runtime.node_output(executor, "5", 3)
+    assert grid.shape[2] == 2 * 64   # two 64x64 decoded tiles side by side

@@ -1,0 +1,211 @@
+"""Validation samples during T-LoRA training: the adapter as trained so far, sampled the Loader's way.
+
+Contract. Every ``every`` steps and after the last step, :meth:`Validator.sample` receives the
+adapter in its saved-file form (:func:`training.loop.build_weights`) and the loaded training clone
+with the training hooks off (:func:`training.loop.train`). It installs the weights on a clone of
+that patcher with the T-LoRA Loader's own code (the node passes ``nodes.patch.install``: the one
+per-step rank mask) and runs ComfyUI's own sampler (``comfy.sample.sample``, the KSampler path) on an empty
+latent. The result is decoded with the VAE if one is given, else by ComfyUI's latent-to-RGB
+approximation (the fast "latent2rgb" sampling preview, 1/8 size). Each image is written as
+``<file>_stepNNNNN.png`` beside the ``save_every`` checkpoints (atomically) and kept for the grid.
+
+Isolation: the sampling noise comes from its own generator (seeded by ``seed``), the global RNG
+state (CPU and CUDA) is saved and restored around the sample, no gradient is recorded, and the
+training clone is loaded again afterwards (ComfyUI's loader swaps it for the sampling clone), on
+every exit: a run gives the same adapter with and without validation. Cancel is checked at every
+sampler step and leaves through the same path as Cancel during a training step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import torch
+from PIL import Image, ImageDraw
+
+from . import inputs, lora_folder, report
+
+SAMPLERS = comfy.samplers.KSampler.SAMPLERS
+SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
+TILE_LABEL = 14   # pixels of the step label above each grid tile
+
+
+@dataclass
+class ValidationSettings:
+    """The node's validation inputs; ``every`` 0 = off. ``width`` / ``height`` 0 = the training
+    latent's size. ``negative`` None = the positive (CFG then has no effect)."""
+
+    every: int = 0
+    positive: list | None = None
+    negative: list | None = None
+    steps: int = 20
+    cfg: float = 5.0
+    seed: int = 0
+    width: int = 0
+    height: int = 0
+    sampler: str = "euler"
+    scheduler: str = "normal"
+    vae: object | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.every > 0
+
+
+def latent_shape(settings: ValidationSettings, latent_format, training: torch.Size) -> tuple[int, ...]:
+    """(1, C, h, w) of the validation latent (pixel size / the format's downscale)."""
+    down = int(getattr(latent_format, "spacial_downscale_ratio", 8))
+    h = settings.height // down if settings.height else training[-2]
+    w = settings.width // down if settings.width else training[-1]
+    return (1, training[1], h, w)
+
+
+def check(settings: ValidationSettings, model, family, samples: torch.Tensor) -> None:
+    """Every way the validation inputs can be wrong, before any GPU work (ValueError)."""
+    if not settings.on:
+        return
+    if settings.positive is None:
+        raise ValueError("validation_every is set but validation_positive is not connected: connect the "
+                         "prompt to sample with (a CLIP Text Encode), or set validation_every to 0")
+    for name, cond in (("validation_positive", settings.positive), ("validation_negative", settings.negative)):
+        if cond is not None:
+            try:
+                inputs.check_conditioning(cond, model.model, family, 1)
+            except ValueError as err:
+                raise ValueError(f"{name}: {err}") from err
+    if settings.sampler not in SAMPLERS:
+        raise ValueError(f"unknown validation_sampler {settings.sampler!r} (choices: {', '.join(SAMPLERS)})")
+    if settings.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown validation_scheduler {settings.scheduler!r} "
+                         f"(choices: {', '.join(SCHEDULERS)})")
+    shape = latent_shape(settings, model.model.latent_format, samples.shape)
+    if min(shape[-2:]) < 1:
+        raise ValueError(f"validation size {settings.width}x{settings.height} is smaller than one latent "
+                         "pixel; use 0 (the training image's size) or a size of at least 64")
+    if settings.vae is None and getattr(model.model.latent_format, "latent_rgb_factors", None) is None:
+        raise ValueError(f"{family.label} has no latent preview colours: connect validation_vae to see "
+                         "validation samples")
+
+
+def _rng_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _interrupt_check(*_args) -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _to_image(settings: ValidationSettings, latent_format, samples: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) float in [0, 1] of the first sample."""
+    if settings.vae is not None:
+        return settings.vae.decode(samples)[0, ..., :3].float().cpu().clamp(0, 1)
+    # ComfyUI's latent2rgb preview: its colour factors and bias for this latent format.
+    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
+    bias = getattr(latent_format, "latent_rgb_factors_bias", None)
+    rgb = torch.einsum("chw,cr->hwr", samples[0].float().cpu(), factors)
+    if bias is not None:
+        rgb = rgb + torch.tensor(bias, dtype=torch.float32)
+    return ((rgb + 1.0) / 2.0).clamp(0, 1)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray((image.numpy() * 255.0).round().astype("uint8"))
+
+
+def _write_png(path: Path, image: Image.Image) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def png_path(output: Path, step: int) -> Path:
+    """``<file>_stepNNNNN.png``: the checkpoint name of ``step`` with a PNG suffix."""
+    return lora_folder.intermediate_path(output, step).with_suffix(".png")
+
+
+class Validator:
+    """The validation samples of one run: sampling, files, the progress preview and the grid."""
+
+    def __init__(self, settings: ValidationSettings, output: Path, training_shape: torch.Size,
+                 install: Callable, show: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        self.install = install            # the Loader's install(patcher, weights, strength)
+        self.output = output
+        self.training_shape = training_shape
+        self.show = show                  # called with the step after each new image
+        self.images: list[tuple[int, torch.Tensor]] = []
+        self.files: list[Path] = []
+
+    def sample(self, step: int, weights, patcher) -> None:
+        """:data:`training.loop.ValidateCallback`: one validation image at ``step``."""
+        s = self.settings
+        latent_format = patcher.model.latent_format
+        sampling = patcher.clone()
+        self.install(sampling, weights, 1.0)
+        shape = latent_shape(s, latent_format, self.training_shape)
+        try:
+            with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+                latent = torch.zeros(shape)
+                noise = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed))
+                negative = s.negative if s.negative is not None else s.positive
+                out = comfy.sample.sample(sampling, noise, s.steps, s.cfg, s.sampler, s.scheduler,
+                                          s.positive, negative, latent, seed=s.seed,
+                                          callback=_interrupt_check, disable_pbar=True)
+                image = _to_image(s, latent_format, out)
+        finally:
+            # ComfyUI's loader swapped the sampling clone in: put the training clone back.
+            comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+            patcher.pre_run()
+            del sampling
+        path = png_path(self.output, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_png(path, to_pil(image))
+        self.images.append((step, image))
+        self.files.append(path)
+        if self.show is not None:
+            self.show(step)
+
+    def latest(self) -> Image.Image | None:
+        return to_pil(self.images[-1][1]) if self.images else None
+
+    def preview(self, curve: Image.Image) -> Image.Image:
+        """The progress preview: the loss curve, and under it the newest validation image."""
+        latest = self.latest()
+        if latest is None:
+            return curve
+        scale = min(report.WIDTH / latest.width, report.HEIGHT / latest.height)
+        tile = latest.resize((max(1, round(latest.width * scale)), max(1, round(latest.height * scale))),
+                             Image.NEAREST)
+        out = Image.new("RGB", (curve.width, curve.height + tile.height + TILE_LABEL), "white")
+        out.paste(curve, (0, 0))
+        ImageDraw.Draw(out).text((4, curve.height + 1), f"validation, step {self.images[-1][0]}",
+                                 fill=(0, 0, 0))
+        out.paste(tile, ((curve.width - tile.width) // 2, curve.height + TILE_LABEL))
+        return out
+
+    def grid(self) -> torch.Tensor:
+        """IMAGE (1, H, W, 3): every validation image, in step order, each under its step."""
+        if not self.images:
+            img = Image.new("RGB", (256, 64), "white")
+            ImageDraw.Draw(img).text((8, 24), "validation off (validation_every 0)", fill=(0, 0, 0))
+            return report.image_tensor(img)
+        h, w = self.images[0][1].shape[:2]
+        cols = math.ceil(math.sqrt(len(self.images)))
+        rows = math.ceil(len(self.images) / cols)
+        out = Image.new("RGB", (cols * w, rows * (h + TILE_LABEL)), "white")
+        draw = ImageDraw.Draw(out)
+        for i, (step, image) in enumerate(self.images):
+            x, y = (i % cols) * w, (i // cols) * (h + TILE_LABEL)
+            draw.text((x + 2, y + 1), f"step {step}", fill=(0, 0, 0))
+            out.paste(to_pil(image), (x, y + TILE_LABEL))
+        return report.image_tensor(out)
