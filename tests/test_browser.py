@@ -254,3 +254,69 @@ def test_pack_node_closeups_saved(browser):
     for path in shots.values():
         with Image.open(path) as image:
             assert image.size[0] >= 240 and image.size[1] >= 100
+
+
+# The run the preview test queues from the page: a tiny SDXL trains 6 steps with a validation
+# sample every 2 steps (decoded by the tiny VAE), each shown in the node's live preview.
+PREVIEW_STEPS, PREVIEW_EVERY = 6, 2
+TINY_NODES_SHIM = '''"""Test-only: the tiny-model nodes of the pack's tests, for a test server."""
+import sys
+
+sys.path.insert(0, {tests!r})
+from tiny_nodes import comfy_entrypoint  # noqa: E402,F401
+'''
+
+
+def _validation_prompt() -> dict:
+    return {
+        "1": {"class_type": "TLoRATestTinyCheckpointLoader", "inputs": {"family": "sdxl"}},
+        "2": {"class_type": "TLoRATestTinyTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of sks dog"}},
+        "3": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 8421504}},
+        "4": {"class_type": "VAEEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "TLoRATrain", "inputs": {
+            "model": ["1", 0], "latents": ["4", 0], "positive": ["2", 0], "variant": "auto", "rank": 4,
+            "min_rank": -1, "schedule_power": 1.0, "steps": PREVIEW_STEPS, "learning_rate": 1e-2,
+            "batch_size": 1, "seed": 0, "target_layers": "attention", "training_dtype": "auto",
+            "gradient_checkpointing": True, "save_every": 0, "file_name": "tlora/preview_test",
+            "resume_from": "none", "validation_every": PREVIEW_EVERY, "validation_positive": ["2", 0],
+            "validation_vae": ["1", 2], "validation_steps": 2, "validation_cfg": 1.0}},
+    }
+
+
+def test_validation_previews_update_in_the_ui_during_a_run(tmp_path):
+    """The real server and UI: the page receives the validation samples as node previews while
+    the run trains (distinct images, each with the validation panel under the loss curve), before
+    the run finishes."""
+    setup = subprocess.run(["bash", str(REPO / "scripts" / "setup_browser.sh")], capture_output=True,
+                           text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert setup.returncode == 0, f"scripts/setup_browser.sh failed:\n{setup.stderr[-4000:]}"
+    from comfy_server import running_server
+
+    shim = tmp_path / "tiny_nodes_shim"
+    shim.mkdir()
+    (shim / "__init__.py").write_text(TINY_NODES_SHIM.format(tests=str(REPO / "tests")))
+    base = tmp_path / "server"
+    with running_server(base, extra_custom_nodes={"tlora_test_tiny_nodes": shim}) as server:
+        job = {"url": server.url, "chromium": "/usr/bin/chromium", "prompt": _validation_prompt(),
+               "timeout_ms": 240000}
+        job_path = tmp_path / "job.json"
+        job_path.write_text(json.dumps(job))
+        command = ["node", str(REPO / "tests" / "browser" / "watch_previews.mjs"), str(job_path)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT,
+                                stdin=subprocess.DEVNULL, cwd=REPO / "tests" / "browser")
+        assert result.returncode == 0, f"browser script failed:\n{result.stderr[-4000:]}\n{server.log()[-3000:]}"
+        events = json.loads(result.stdout)["events"]
+        log = server.log()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "validation_previews.json").write_text(json.dumps(events, indent=1))  # for debugging
+    done = [i for i, e in enumerate(events) if e["kind"] == "done"]
+    assert done and events[done[0]]["status"] == "execution_success", (events, log[-3000:])
+    during = events[:done[0]]
+    # The loss curve alone is wider than high (512 x 320); a validation preview has the newest
+    # sample (square here) under it, so it is higher than wide.
+    validation = [e for e in during if e["kind"] == "preview" and e["height"] > e["width"]]
+    assert len({e["sha"] for e in validation}) >= 2, during
+    # The node's own output (the grid shown on it) comes after the previews, before the end.
+    executed = [i for i, e in enumerate(during) if e["kind"] == "executed" and e["node"] == "5"]
+    assert executed and executed[0] > during.index(validation[1])
+    assert (base / "models" / "loras" / "tlora" / f"preview_test_step{PREVIEW_STEPS:05d}.png").is_file()
