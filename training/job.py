@@ -123,14 +123,14 @@ def _progress(config: TrainConfig, job: TrainJob, node_id, send_text: Callable[[
     bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
     if job.resume is not None:
         bar.update_absolute(job.resume.step, config.steps)
-    seen: list[float] = []
+    seen: list[list[float]] = [[]]   # the run's loss list (the loop appends to it)
 
     def image(losses):
         curve = report.loss_curve(losses)
         return curve if validator is None else validator.preview(curve)
 
     def on_step(step, total, loss, losses):
-        seen[:] = losses
+        seen[0] = losses
         preview = None
         if step % PREVIEW_EVERY == 0 or step == total:
             preview = ("JPEG", image(losses), report.WIDTH)
@@ -141,7 +141,7 @@ def _progress(config: TrainConfig, job: TrainJob, node_id, send_text: Callable[[
     if validator is not None:
         # A new validation image is shown at once, not at the next preview step.
         validator.show = lambda step: bar.update_absolute(step, config.steps,
-                                                          ("JPEG", image(seen), report.WIDTH))
+                                                          ("JPEG", image(seen[0]), report.WIDTH))
     return on_step
 
 
