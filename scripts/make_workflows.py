@@ -188,7 +188,8 @@ def _prompts(key: str) -> list[str]:
 # Column x positions; every block below is placed on this grid so nothing overlaps.
 COL_A, COL_B, COL_C, COL_D, COL_E = 0, 380, 760, 1200, 1660
 ROW = 300  # vertical pitch of one prompt row (a KSampler is 264 high)
-TRAIN_PITCH = 660  # vertical pitch of one T-LoRA Train block (the node is 600 high)
+KLEIN_ROW = 340  # a CFGGuider (124) above a SamplerCustomAdvanced (140), each with its title
+TRAIN_GAP = 60  # vertical space below a T-LoRA Train node (its height follows its inputs)
 
 
 def _concept_latent(g: Graph, vae: tuple[Node, str | int], image_pos: tuple[float, float],
@@ -343,8 +344,8 @@ def _train_and_generate(info: dict, flux: bool) -> dict:
     positive, latent = _training_inputs(g, clip, vae, flux)
     train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, sample, (COL_C, TRAIN_PITCH - 20), (COL_D, 500), None, settings["rank"],
-                      settings["min_rank"])
+    _schedule_preview(g, model, sample, (COL_C, train.height + TRAIN_GAP), (COL_D, 500), None,
+                      settings["rank"], settings["min_rank"])
     family = "flux" if flux else "sdxl"
     _sample_column(g, (train, "model"), clip, vae, _prompts(f"{family}_train"), sample, COL_E, 0, flux,
                    f"tlora/{family}_trained")
@@ -385,8 +386,8 @@ def flux_generate(info: dict) -> dict:
 def _single_encoder_loaders(g: Graph, unet: str, clip: str, clip_type: str, vae: str) -> tuple[tuple, tuple, tuple]:
     """Load Diffusion Model, Load CLIP (one text encoder of ``clip_type``) and Load VAE, stacked."""
     model = g.node("UNETLoader", (COL_A, 340), {"unet_name": unet, "weight_dtype": "default"}, width=340)
-    encoder = g.node("CLIPLoader", (COL_A, 470), {"clip_name": clip, "type": clip_type}, width=340)
-    decoder = g.node("VAELoader", (COL_A, 630), {"vae_name": vae}, width=340)
+    encoder = g.node("CLIPLoader", (COL_A, 480), {"clip_name": clip, "type": clip_type}, width=340)
+    decoder = g.node("VAELoader", (COL_A, 650), {"vae_name": vae}, width=340)
     return (model, "MODEL"), (encoder, "CLIP"), (decoder, "VAE")
 
 
@@ -404,14 +405,14 @@ def _shifted_training(g: Graph, files: tuple[str, str, str, str], shift: float, 
     prompt and photo, T-LoRA Train with its outputs and a Schedule Preview: ``(train, clip, vae)``.
     ``files``: (diffusion model, text encoder, CLIPLoader type, VAE)."""
     unet, clip, vae = _single_encoder_loaders(g, *files)
-    shifted = g.node("ModelSamplingAuraFlow", (COL_A, 740), {"shift": shift}, width=340)
+    shifted = g.node("ModelSamplingAuraFlow", (COL_A, 770), {"shift": shift}, width=340)
     g.link(unet[0], unet[1], shifted, "model")
     model = (shifted, "MODEL")
-    positive, latent = _plain_training_inputs(g, clip, vae, 880)
+    positive, latent = _plain_training_inputs(g, clip, vae, 890)
     train = _trainer(g, model, latent, positive, settings, lora, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
-    _schedule_preview(g, model, sample, (COL_C, TRAIN_PITCH - 20), (COL_D, 500), None, settings["rank"],
-                      settings["min_rank"])
+    _schedule_preview(g, model, sample, (COL_C, train.height + TRAIN_GAP), (COL_D, 500), None,
+                      settings["rank"], settings["min_rank"])
     return train, clip, vae
 
 
@@ -443,20 +444,20 @@ def _klein_sample_column(g: Graph, model, clip, vae, prompts: list[str], x: floa
                     width=300)
     sigmas = g.node("Flux2Scheduler", (x + 340, y), {"steps": KLEIN_SAMPLE["steps"], "width": 1024,
                                                      "height": 1024}, width=270)
-    sampler = g.node("KSamplerSelect", (x + 340, y + 160), {"sampler_name": KLEIN_SAMPLE["sampler_name"]},
+    sampler = g.node("KSamplerSelect", (x + 340, y + 170), {"sampler_name": KLEIN_SAMPLE["sampler_name"]},
                      width=270)
-    noise = g.node("RandomNoise", (x + 340, y + 270), {"noise_seed": 0}, width=270)
+    noise = g.node("RandomNoise", (x + 340, y + 290), {"noise_seed": 0}, width=270)
     noise.height = 110   # room for the seed's "control after generate" widget
     decoded = []
     for row, text in enumerate(prompts):
-        top = y + 460 + row * ROW
+        top = y + 460 + row * KLEIN_ROW
         positive = _prompt(g, clip, text, (x, top), f"Prompt {row + 1}", flux=False)
         guider = g.node("CFGGuider", (x + 340, top), {"cfg": KLEIN_SAMPLE["cfg"]}, title=f"Guider {row + 1}",
                         width=270)
         g.link(model[0], model[1], guider, "model")
         g.link(positive, "CONDITIONING", guider, "positive")
         g.link(empty_prompt, "CONDITIONING", guider, "negative")
-        run = g.node("SamplerCustomAdvanced", (x + 340, top + 140), title=f"Sample {row + 1}", width=270)
+        run = g.node("SamplerCustomAdvanced", (x + 340, top + 160), title=f"Sample {row + 1}", width=270)
         g.link(noise, "NOISE", run, "noise")
         g.link(guider, "GUIDER", run, "guider")
         g.link(sampler, "SAMPLER", run, "sampler")
@@ -466,7 +467,7 @@ def _klein_sample_column(g: Graph, model, clip, vae, prompts: list[str], x: floa
         g.link(run, 0, decode, "samples")
         g.link(vae[0], vae[1], decode, "vae")
         decoded.append(decode)
-    _save_batch(g, decoded, x, y, ROW, filename_prefix)
+    _save_batch(g, decoded, x, y, KLEIN_ROW, filename_prefix)
 
 
 def klein_train_and_generate(info: dict) -> dict:
@@ -474,7 +475,7 @@ def klein_train_and_generate(info: dict) -> dict:
     g.note(NOTE_TRAIN.format(image=CONCEPT_IMAGE, train_prompt=TRAIN_PROMPT, summary=_summary(KLEIN_TRAIN),
                              lora=KLEIN_LORA) + NOTE_KLEIN, (COL_A, 0), width=720, height=300)
     model, clip, vae = _single_encoder_loaders(g, KLEIN_UNET, QWEN3_4B, "flux2", KLEIN_VAE)
-    positive, latent = _plain_training_inputs(g, clip, vae, 740)
+    positive, latent = _plain_training_inputs(g, clip, vae, 770)
     train = _trainer(g, model, latent, positive, KLEIN_TRAIN, KLEIN_LORA, (COL_C, 0), "T-LoRA Train")
     _train_outputs(g, train, COL_D, 0)
     _klein_sample_column(g, (train, "model"), clip, vae, _prompts("klein_train"), COL_E, 0, "tlora/klein_trained")
@@ -516,13 +517,13 @@ def sdxl_lora_vs_tlora(info: dict) -> dict:
     runs = {"LoRA": ({**SDXL_TRAIN, "variant": "LoRA", "steps": 500, "save_every": 0},
                      "tlora/sks_dog_sdxl_plain_lora"),
             "T-LoRA": ({**SDXL_TRAIN, "save_every": 0}, "tlora/sks_dog_sdxl_tlora")}
-    trained = {}
-    for index, (label, (settings, name)) in enumerate(runs.items()):
-        trained[label] = _trainer(g, model, latent, positive, settings, name, (COL_C, index * TRAIN_PITCH),
-                                  f"Train {label}")
-        _train_outputs(g, trained[label], COL_D, index * TRAIN_PITCH, f"{label} loss")
+    trained, y = {}, 0
+    for label, (settings, name) in runs.items():
+        trained[label] = _trainer(g, model, latent, positive, settings, name, (COL_C, y), f"Train {label}")
+        _train_outputs(g, trained[label], COL_D, y, f"{label} loss")
+        y += trained[label].height + TRAIN_GAP
     # The sampling grid sits below the training part; the saved grid to the right of it.
-    base = len(runs) * TRAIN_PITCH + 20
+    base = y + 20
     negative, empty = _negative_and_latent(g, clip, COL_A, base, flux=False)
     rows = []
     for index, text in enumerate(_prompts("compare")):

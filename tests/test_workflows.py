@@ -283,6 +283,21 @@ def test_meaning_comparison_is_not_vacuous():
     assert changed(lambda w: w["links"][0].__setitem__(5, "IMAGE"))
 
 
+TITLE_BAR = 30   # LiteGraph draws a node's title above its position (scripts/workflow_graph.py)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=NAMES)
+def test_no_two_nodes_overlap(path):
+    """Every node, title bar included, has its own space: a node that grows (T-LoRA Train with
+    new inputs) must push the layout, not hide what is under it."""
+    boxes = [(node["id"], node["type"], node["pos"][0], node["pos"][1] - TITLE_BAR,
+              node["pos"][0] + node["size"][0], node["pos"][1] + node["size"][1])
+             for node in load_workflow(path)["nodes"]]
+    overlapping = [(a[:2], b[:2]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                   if a[2] < b[4] and b[2] < a[4] and a[3] < b[5] and b[3] < a[5]]
+    assert not overlapping, overlapping
+
+
 @pytest.mark.comfy
 @pytest.mark.server
 def test_standard_model_files_and_family_wiring(object_info):
