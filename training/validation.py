@@ -5,8 +5,9 @@ adapter in its saved-file form (:func:`training.loop.build_weights`) and the loa
 with the training hooks off (:func:`training.loop.train`). It installs the weights on a clone of
 that patcher with the T-LoRA Loader's own code (the node passes ``nodes.patch.install``: the one
 per-step rank mask) and runs ComfyUI's own sampler (``comfy.sample.sample``, the KSampler path) on an empty
-latent. The result is decoded with the VAE if one is given, else by ComfyUI's latent-to-RGB
-approximation (the fast "latent2rgb" sampling preview, 1/8 size). Each image is written as
+latent of the training latent's layout (5-D for the Wan-VAE families). The result is decoded with
+the VAE if one is given, else by ComfyUI's own latent-to-RGB previewer (the fast "latent2rgb"
+sampling preview, at latent size); a video-shaped result gives its first frame. Each image is written as
 ``<file>_stepNNNNN.png`` beside the ``save_every`` checkpoints (atomically) and kept for the grid.
 
 Isolation: the sampling noise comes from its own generator (seeded by ``seed``), the global RNG
@@ -27,6 +28,7 @@ from pathlib import Path
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
+import latent_preview
 import torch
 from PIL import Image, ImageDraw
 
@@ -59,12 +61,13 @@ class ValidationSettings:
         return self.every > 0
 
 
-def latent_shape(settings: ValidationSettings, latent_format, training: torch.Size) -> tuple[int, ...]:
-    """(1, C, h, w) of the validation latent (pixel size / the format's downscale)."""
-    down = int(getattr(latent_format, "spacial_downscale_ratio", 8))
+def latent_shape(settings: ValidationSettings, family, training: torch.Size) -> tuple[int, ...]:
+    """The validation latent's shape: one sample in the training latent's layout ((1, C, h, w), or
+    (1, C, 1, h, w) for 5-D latents), h and w the pixel size / the family's ``latent_downscale``."""
+    down = family.latent_downscale
     h = settings.height // down if settings.height else training[-2]
     w = settings.width // down if settings.width else training[-1]
-    return (1, training[1], h, w)
+    return (1, *training[1:-2], h, w)
 
 
 def check(settings: ValidationSettings, model, family, samples: torch.Tensor) -> None:
@@ -85,10 +88,11 @@ def check(settings: ValidationSettings, model, family, samples: torch.Tensor) ->
     if settings.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown validation_scheduler {settings.scheduler!r} "
                          f"(choices: {', '.join(SCHEDULERS)})")
-    shape = latent_shape(settings, model.model.latent_format, samples.shape)
+    shape = latent_shape(settings, family, samples.shape)
     if min(shape[-2:]) < 1:
         raise ValueError(f"validation size {settings.width}x{settings.height} is smaller than one latent "
-                         "pixel; use 0 (the training image's size) or a size of at least 64")
+                         f"pixel ({family.latent_downscale} pixels for {family.label}); use 0 (the "
+                         "training image's size) or a size of at least 64")
     if settings.vae is None and getattr(model.model.latent_format, "latent_rgb_factors", None) is None:
         raise ValueError(f"{family.label} has no latent preview colours: connect validation_vae to see "
                          "validation samples")
@@ -102,20 +106,21 @@ def _interrupt_check(*_args) -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def _to_image(settings: ValidationSettings, latent_format, samples: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) float in [0, 1] of the first sample."""
+def to_image(settings: ValidationSettings, latent_format, samples: torch.Tensor) -> Image.Image:
+    """The first sample as an RGB picture (the first frame of a video-shaped one)."""
     if settings.vae is not None:
-        return settings.vae.decode(samples)[0, ..., :3].float().cpu().clamp(0, 1)
-    # ComfyUI's latent2rgb preview: its colour factors and bias for this latent format.
-    factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)
-    bias = getattr(latent_format, "latent_rgb_factors_bias", None)
-    rgb = torch.einsum("chw,cr->hwr", samples[0].float().cpu(), factors)
-    if bias is not None:
-        rgb = rgb + torch.tensor(bias, dtype=torch.float32)
-    return ((rgb + 1.0) / 2.0).clamp(0, 1)
+        pixels = settings.vae.decode(samples)
+        pixels = pixels.reshape(-1, *pixels.shape[-3:])   # (B, T, H, W, C) -> frames, as VAE Decode does
+        return _to_pil(pixels[0, ..., :3].float().cpu().clamp(0, 1))
+    # ComfyUI's latent2rgb sampling preview for this latent format (its colour factors, bias and
+    # any unpatchifying reshape, e.g. FLUX.2's 128 channels as 32 at twice the size).
+    previewer = latent_preview.Latent2RGBPreviewer(
+        latent_format.latent_rgb_factors, getattr(latent_format, "latent_rgb_factors_bias", None),
+        getattr(latent_format, "latent_rgb_factors_reshape", None))
+    return previewer.decode_latent_to_preview(samples.float().cpu()).convert("RGB")
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
+def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.numpy() * 255.0).round().astype("uint8"))
 
 
@@ -136,14 +141,14 @@ def png_path(output: Path, step: int) -> Path:
 class Validator:
     """The validation samples of one run: sampling, files, the progress preview and the grid."""
 
-    def __init__(self, settings: ValidationSettings, output: Path, training_shape: torch.Size,
+    def __init__(self, settings: ValidationSettings, output: Path, shape: tuple[int, ...],
                  install: Callable, show: Callable[[int], None] | None = None) -> None:
         self.settings = settings
         self.install = install            # the Loader's install(patcher, weights, strength)
         self.output = output
-        self.training_shape = training_shape
+        self.shape = shape                # the validation latent's (:func:`latent_shape`)
         self.show = show                  # called with the step after each new image
-        self.images: list[tuple[int, torch.Tensor]] = []
+        self.images: list[tuple[int, Image.Image]] = []
         self.files: list[Path] = []
 
     def sample(self, step: int, weights, patcher) -> None:
@@ -152,16 +157,15 @@ class Validator:
         latent_format = patcher.model.latent_format
         sampling = patcher.clone()
         self.install(sampling, weights, 1.0)
-        shape = latent_shape(s, latent_format, self.training_shape)
         try:
             with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
-                latent = torch.zeros(shape)
-                noise = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed))
+                latent = torch.zeros(self.shape)
+                noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
                 negative = s.negative if s.negative is not None else s.positive
                 out = comfy.sample.sample(sampling, noise, s.steps, s.cfg, s.sampler, s.scheduler,
                                           s.positive, negative, latent, seed=s.seed,
                                           callback=_interrupt_check, disable_pbar=True)
-                image = _to_image(s, latent_format, out)
+                image = to_image(s, latent_format, out)
         finally:
             # ComfyUI's loader swapped the sampling clone in: put the training clone back.
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
@@ -169,14 +173,14 @@ class Validator:
             del sampling
         path = png_path(self.output, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_png(path, to_pil(image))
+        _write_png(path, image)
         self.images.append((step, image))
         self.files.append(path)
         if self.show is not None:
             self.show(step)
 
     def latest(self) -> Image.Image | None:
-        return to_pil(self.images[-1][1]) if self.images else None
+        return self.images[-1][1] if self.images else None
 
     def preview(self, curve: Image.Image) -> Image.Image:
         """The progress preview: the loss curve, and under it the newest validation image."""
@@ -196,10 +200,8 @@ class Validator:
     def grid(self) -> torch.Tensor:
         """IMAGE (1, H, W, 3): every validation image, in step order, each under its step."""
         if not self.images:
-            img = Image.new("RGB", (256, 64), "white")
-            ImageDraw.Draw(img).text((8, 24), "validation off (validation_every 0)", fill=(0, 0, 0))
-            return report.image_tensor(img)
-        h, w = self.images[0][1].shape[:2]
+            return placeholder()
+        w, h = self.images[0][1].size
         cols = math.ceil(math.sqrt(len(self.images)))
         rows = math.ceil(len(self.images) / cols)
         out = Image.new("RGB", (cols * w, rows * (h + TILE_LABEL)), "white")
@@ -207,5 +209,12 @@ class Validator:
         for i, (step, image) in enumerate(self.images):
             x, y = (i % cols) * w, (i // cols) * (h + TILE_LABEL)
             draw.text((x + 2, y + 1), f"step {step}", fill=(0, 0, 0))
-            out.paste(to_pil(image), (x, y + TILE_LABEL))
+            out.paste(image, (x, y + TILE_LABEL))
         return report.image_tensor(out)
+
+
+def placeholder() -> torch.Tensor:
+    """IMAGE (1, 64, 256, 3): the ``validation`` output of a run without validation."""
+    img = Image.new("RGB", (256, 64), "white")
+    ImageDraw.Draw(img).text((8, 24), "validation off (validation_every 0)", fill=(0, 0, 0))
+    return report.image_tensor(img)

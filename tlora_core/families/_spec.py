@@ -133,6 +133,7 @@ class Family:
     real_config: Mapping[str, Any]            # unet config of the real model (inventory tests)
     config_classes: tuple[str, ...] = ()      # comfy.supported_models names; () = any
     latent_ndim: int = 4                      # 4: (B, C, H, W); 5: (B, C, T, H, W)
+    latent_downscale: int = 8                 # image pixels per latent pixel (its VAE's)
     # The first ComfyUI release with the family's model class (Krea 2, Anima: "0.33.0"); None =
     # every release the pack supports. Older ComfyUI cannot load such a model at all.
     min_comfyui: str | None = None

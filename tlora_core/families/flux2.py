@@ -54,6 +54,7 @@ FAMILY = Family(
     recognise_inventory=_is_flux2,
     timestep="flow",
     latent_channels=128,
+    latent_downscale=16,   # 128 channels: the VAE's 32 at 1/8, patchified 2x2
     pooled_output=False,
     # FLUX.1's rule: the blocks are FLUX.1's classes (see bfl_names.ATTENTION_AND_FF).
     layers=bfl_names.ATTENTION_AND_FF,
