@@ -19,7 +19,11 @@ exactly from the real module shapes (meta device, no weights):
   (``training.prepare``), and an fp8 base is cast to the compute dtype per forward; those copies
   are what backward keeps (``inference_weights``);
 - with checkpointing, the largest block's recomputation in backward (its saved tensors and
-  weight copies, and its backward's working gradients: twice its largest saved tensor).
+  weight copies, and its backward's working gradients: twice its largest saved tensor);
+- on a CPU whose oneDNN has no bf16 (``device="cpu"``, :func:`cpu_conv_columns`), the columns
+  PyTorch's slow convolution unfolds each non-1x1 convolution's input into, once in its forward
+  and once in its backward (``C_in * kh * kw * H_out * W_out`` elements; a 3x3 convolution's are
+  nine times its input), freed after each: a transient on top of what is kept at that point.
 
 The peak is the largest of four moments of a step: the end of forward (state + factors + saved),
 the largest recomputation in backward (what earlier blocks kept, the gradients of later blocks'
@@ -99,6 +103,25 @@ def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
 
+def cpu_conv_columns() -> bool:
+    """Whether this CPU runs bf16 convolutions through PyTorch's slow path (``thnn_conv2d``,
+    which holds the im2col columns as a tensor) because its oneDNN has no bf16 kernels (CPUs
+    without AVX-512 / AMX bf16 support, e.g. AVX2-only ones); with oneDNN bf16 the convolution's
+    scratch is oneDNN's own, outside PyTorch's allocator."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and supported is not None and supported())
+
+
+def _conv_columns(module: torch.nn.Conv2d, x: torch.Tensor, out: torch.Tensor) -> int:
+    """Bytes of the im2col columns the slow CPU convolution makes for one call (0 for a 1x1,
+    stride-1, unpadded convolution, which reads its input as it is)."""
+    if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
+        return 0
+    kh, kw = module.kernel_size
+    return out.shape[0] * x.shape[1] * kh * kw * out.shape[-2] * out.shape[-1] * x.element_size()
+
+
 def _storage(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return s._cdata, s.nbytes()
@@ -113,10 +136,12 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
     outside attention; ``attention``: saved by the attention kernel; ``checkpoint_inputs``: block
     inputs kept for recomputation (not already saved); ``weight_elements``: elements of the base
     weights saved (their per-forward copies when the weights are inference tensors); ``blocks``:
-    per checkpointed block, what it saves in order, as (bytes, 0) or (0, weight elements) (what its
-    recomputation saves, when run without checkpointing); ``order``: per block in forward order,
-    (name, bytes, weight elements) kept once it has run; ``block_factor_bytes``: the fp32 bytes of
-    each block's adapter factors.
+    per checkpointed block, what it saves in order, as (bytes, 0, 0) or (0, weight elements, 0)
+    (what its recomputation saves, when run without checkpointing) and, at each convolution,
+    (0, 0, columns + its input's and output's bytes: its backward's transient); ``order``: per block
+    in forward order, (name, bytes, weight elements) kept once it has run; ``block_factor_bytes``:
+    the fp32 bytes of each block's adapter factors; ``conv_columns``: per convolution in forward
+    order, (bytes, weight elements kept before it, its columns' bytes): see :func:`cpu_conv_columns`.
     """
     import comfy.ldm.flux.math
     import comfy.ldm.modules.attention as attention_module
@@ -155,13 +180,13 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
         if sid in weights:
             totals["weight_elements"] += weights[sid]
             block_weights[where[0]] += weights[sid]
-            block_saves[where[0]].append((0, weights[sid]))
+            block_saves[where[0]].append((0, weights[sid], 0))
             return
         kind = kind or ("attention" if in_attention[0] else "activations")
         totals[kind] += size
         if kind != "checkpoint_inputs":
             per_block[where[0]] += size
-            block_saves[where[0]].append((size, 0))
+            block_saves[where[0]].append((size, 0, 0))
 
     def enter(module, args, kwargs, name):
         where[0] = name
@@ -175,6 +200,18 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
         kept_bytes = totals["activations"] + totals["attention"] + totals["checkpoint_inputs"]
         order.append((name, kept_bytes, totals["weight_elements"]))
 
+    conv_columns: list[tuple[int, int, int]] = []
+
+    def conv_done(module, args, out):
+        columns = _conv_columns(module, args[0], out)
+        if columns:
+            kept_bytes = totals["activations"] + totals["attention"] + totals["checkpoint_inputs"]
+            conv_columns.append((kept_bytes, totals["weight_elements"], columns))
+            block_saves[where[0]].append((0, 0, columns + args[0].nbytes + out.nbytes))
+
+    for m in dm.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(conv_done)
     for name, m in blocks.items():
         m.register_forward_pre_hook(lambda mod, a, k, n=name: enter(mod, a, k, n), with_kwargs=True)
         m.register_forward_hook(lambda *_, n=name: leave(n))
@@ -212,7 +249,7 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
     return {"activations": totals["activations"], "attention": totals["attention"],
             "checkpoint_inputs": totals["checkpoint_inputs"], "weight_elements": totals["weight_elements"],
             "blocks": {k: block_saves[k] for k in sorted(names)},
-            "order": order, "block_factor_bytes": dict(block_factors)}
+            "order": order, "block_factor_bytes": dict(block_factors), "conv_columns": conv_columns}
 
 
 def adapter_bytes(family: str, variant: str, rank: int, config: dict | None = None) -> dict:
@@ -239,7 +276,8 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
     """Peak tensor memory (GiB) of a steady-state training step and its parts (module docstring).
 
     Defaults: the family's recipe (``RECIPES``). ``keep_rank``: the step's r(t) (the factors are
-    sliced to it); ``device="gpu"`` adds the CUDA context estimate.
+    sliced to it); ``device="gpu"`` adds the CUDA context estimate; ``device="cpu"`` counts the slow
+    convolution's columns where this CPU has them (:func:`cpu_conv_columns`).
     """
     r_variant, r_rank, r_dtype, r_tokens = RECIPES[family]
     variant, rank = variant or r_variant, rank or r_rank
@@ -257,6 +295,10 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
     persistent = a["state_bytes"] - a["grad_bytes"]       # factors, init, AdamW moments
     step_factors = a["step_factor_bytes"] / 2 * keep / rank   # the factors; as much again for grads
     saved = s["activations"] + s["attention"] + s["checkpoint_inputs"] + s["weight_elements"] * copy_size
+    columns = device == "cpu" and cpu_conv_columns()
+    # Forward: a convolution's columns come on top of what is kept when it runs.
+    forward = max([saved] + [kept + elements * copy_size + c for kept, elements, c in s["conv_columns"]
+                             if columns])
     recompute, largest, at_recompute = 0, None, 0
     if checkpointing:
         # Backward re-runs each block with saving on (what the block saves without checkpointing),
@@ -272,15 +314,15 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
         arrived = sum(v for k, v in grads.items() if k != "outside blocks")
         for name, kept_bytes, kept_weights in s["order"]:   # forward order: backward's reverse
             block = cumulative = 0
-            for size, weight_elements in blocks.get(name, ()):
+            for size, weight_elements, conv in blocks.get(name, ()):
                 cumulative += size + weight_elements * copy_size
-                block = max(block, cumulative + 2 * size)
+                block = max(block, cumulative + 2 * size + (conv if columns else 0))
             live = kept_bytes + kept_weights * copy_size + arrived + block
             if live > at_recompute:
                 at_recompute, recompute, largest = live, block, name
             arrived -= grads.get(name, 0)
     moments = {
-        "end_of_forward": saved + step_factors,
+        "end_of_forward": forward + step_factors,
         "largest_recompute": step_factors + at_recompute,
         "end_of_backward": 2 * step_factors + a["grad_bytes"],
         "optimizer_step": a["grad_bytes"],
