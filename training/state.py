@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..tlora_core.files.atomic import atomic_write
 from .optim import DEFAULT_OPTIONS
 
 STATE_SUFFIX = ".tlora-state"
@@ -68,7 +68,7 @@ def capture(step: int, losses: list[float], identity: dict, adapters, optimizer)
 
 
 def save_state(path: str | os.PathLike, state: TrainingState) -> Path:
-    """Write ``state`` atomically (temp file in the same folder, then rename)."""
+    """Write ``state`` atomically (:func:`tlora_core.files.atomic.atomic_write`)."""
     path = Path(path)
     tensors = {f"adapter/{k}": v.contiguous() for k, v in state.adapter_tensors.items()}
     tensors.update({f"optim/{k}": v.contiguous().reshape(-1) if v.ndim == 0 else v.contiguous()
@@ -80,14 +80,7 @@ def save_state(path: str | os.PathLike, state: TrainingState) -> Path:
                 "tlora_state.options": json.dumps(state.options, sort_keys=True)}
     if state.optimizer_groups:
         metadata["tlora_state.optimizer_groups"] = json.dumps(state.optimizer_groups)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_state(path: str | os.PathLike) -> TrainingState:

@@ -10,4 +10,5 @@
   both use to gather adapters; :mod:`.peft`: a PEFT LoraConfig's scale.
 - :mod:`.names`: layer names in files -> model modules (family spellings: the family files).
 - :mod:`.check`: ``TLoRAFileError`` and the checks every file passes before it is used.
+- :mod:`.atomic`: ``atomic_write``, how every file of the pack is written (complete or not at all).
 """

@@ -16,8 +16,6 @@ import datetime
 import json
 import logging
 import os
-import stat
-import uuid
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +27,7 @@ from .. import families
 from ..adapter import VARIANTS, LowRankAdapter
 from ..inventory import Inventory
 from ..weights import TLoRAWeights
+from .atomic import atomic_write
 from .check import check_finite
 from .layout import (
     HEADER_KEYS,
@@ -142,43 +141,6 @@ def _merge_extra(metadata: dict[str, str], extra: Mapping[str, str] | None) -> d
     return metadata
 
 
-def _fsync_directory(folder: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened this way on Windows.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    """Write to a hidden temp file in the same folder, fsync, then rename over ``path``.
-
-    On any error (or interrupt) the temp file is removed and ``path`` is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        # safetensors writes its files with mode 0600; a LoRA should get the usual umask mode.
-        with open(tmp, "xb"):
-            pass
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.chmod(tmp, mode)
-        with open(tmp, "r+b") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def save_tlora(path: str | os.PathLike, weights: TLoRAWeights, *,
                extra_metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float32,
                inventory: Inventory | None = None) -> Path:
@@ -225,7 +187,8 @@ def save_tlora(path: str | os.PathLike, weights: TLoRAWeights, *,
     if weights.source_format != "tlora":
         metadata["tlora.source_format"] = weights.source_format
     metadata.update(_standard_metadata(path, header, tensors))
-    _atomic_save(tensors, _merge_extra(metadata, extra_metadata), path)
+    merged = _merge_extra(metadata, extra_metadata)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=merged))
     log.info("saved T-LoRA %s: %d layers, %d with an explicit layout", path.name,
              len(tensors) // 3, len(layout))
     return path
