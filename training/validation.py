@@ -7,8 +7,12 @@ that patcher with the T-LoRA Loader's own code (the node passes ``nodes.patch.in
 per-step rank mask) and runs ComfyUI's own sampler (``comfy.sample.sample``, the KSampler path) on an empty
 latent of the training latent's layout (5-D for the Wan-VAE families). The result is decoded with
 the VAE if one is given, else by ComfyUI's own latent-to-RGB previewer (the fast "latent2rgb"
-sampling preview, at latent size); a video-shaped result gives its first frame. Each image is written as
-``<file>_stepNNNNN.png`` beside the ``save_every`` checkpoints (atomically) and kept for the grid.
+sampling preview, at latent size, of the latent in the model's space as the sampler shows it); a
+video-shaped result gives its first frame. Each image is written as ``<file>_stepNNNNN.png`` beside
+the ``save_every`` checkpoints (atomically, full size) and kept for the grid and the live preview
+as a thumbnail (at most ``THUMBNAIL`` pixels a side, so a long run's grid stays small). Without a
+negative prompt the positive stands in for it and CFG is skipped (1.0): the same image at half the
+model calls.
 
 Isolation: the sampling noise comes from its own generator (seeded by ``seed``), the global RNG
 state (CPU and CUDA) is saved and restored around the sample, no gradient is recorded, and the
@@ -20,7 +24,6 @@ sampler step and leaves through the same path as Cancel during a training step.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,11 +35,13 @@ import latent_preview
 import torch
 from PIL import Image, ImageDraw
 
+from ..tlora_core.files.atomic import atomic_write
 from . import inputs, lora_folder, report
 
 SAMPLERS = comfy.samplers.KSampler.SAMPLERS
 SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
 TILE_LABEL = 14   # pixels of the step label above each grid tile
+THUMBNAIL = 512   # the largest side of a validation image in the grid and the live preview
 
 
 @dataclass
@@ -92,10 +97,16 @@ def check(settings: ValidationSettings, model, family, samples: torch.Tensor) ->
     if min(shape[-2:]) < 1:
         raise ValueError(f"validation size {settings.width}x{settings.height} is smaller than one latent "
                          f"pixel ({family.latent_downscale} pixels for {family.label}); use 0 (the "
-                         "training image's size) or a size of at least 64")
-    if settings.vae is None and getattr(model.model.latent_format, "latent_rgb_factors", None) is None:
+                         f"training image's size) or at least {family.latent_downscale}")
+    latent_format = model.model.latent_format
+    if settings.vae is None and getattr(latent_format, "latent_rgb_factors", None) is None:
         raise ValueError(f"{family.label} has no latent preview colours: connect validation_vae to see "
                          "validation samples")
+    vae_channels = getattr(settings.vae, "latent_channels", None)
+    if vae_channels is not None and vae_channels != latent_format.latent_channels:
+        raise ValueError(f"validation_vae makes {vae_channels}-channel latents, but this {family.label} "
+                         f"model's have {latent_format.latent_channels}: connect the VAE of the model "
+                         "being trained")
 
 
 def _rng_devices() -> list[int]:
@@ -107,30 +118,29 @@ def _interrupt_check(*_args) -> None:
 
 
 def to_image(settings: ValidationSettings, latent_format, samples: torch.Tensor) -> Image.Image:
-    """The first sample as an RGB picture (the first frame of a video-shaped one)."""
+    """The first sample (a sampler's output, in the VAE's latent space) as an RGB picture (the
+    first frame of a video-shaped one)."""
     if settings.vae is not None:
         pixels = settings.vae.decode(samples)
         pixels = pixels.reshape(-1, *pixels.shape[-3:])   # (B, T, H, W, C) -> frames, as VAE Decode does
-        return _to_pil(pixels[0, ..., :3].float().cpu().clamp(0, 1))
+        rgb = pixels[0, ..., :3].float().cpu().clamp(0, 1)
+        return Image.fromarray((rgb.numpy() * 255.0).round().astype("uint8"))
     # ComfyUI's latent2rgb sampling preview for this latent format (its colour factors, bias and
-    # any unpatchifying reshape, e.g. FLUX.2's 128 channels as 32 at twice the size).
+    # any unpatchifying reshape, e.g. FLUX.2's 128 channels as 32 at twice the size). Its factors
+    # are for the model's space, where the sampler's previews live: the sampler's output is in the
+    # VAE's (process_latent_out), so it goes back through process_in first.
     previewer = latent_preview.Latent2RGBPreviewer(
         latent_format.latent_rgb_factors, getattr(latent_format, "latent_rgb_factors_bias", None),
         getattr(latent_format, "latent_rgb_factors_reshape", None))
-    return previewer.decode_latent_to_preview(samples.float().cpu()).convert("RGB")
+    return previewer.decode_latent_to_preview(latent_format.process_in(samples.float().cpu())).convert("RGB")
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray((image.numpy() * 255.0).round().astype("uint8"))
-
-
-def _write_png(path: Path, image: Image.Image) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _thumbnail(image: Image.Image) -> Image.Image:
+    scale = THUMBNAIL / max(image.size)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.LANCZOS)
 
 
 def png_path(output: Path, step: int) -> Path:
@@ -139,17 +149,19 @@ def png_path(output: Path, step: int) -> Path:
 
 
 class Validator:
-    """The validation samples of one run: sampling, files, the progress preview and the grid."""
+    """The validation samples of one run: sampling, files, the progress preview and the grid.
+
+    ``show``, when set (the job's progress bar does), is called with the step after each new image.
+    """
 
     def __init__(self, settings: ValidationSettings, output: Path, shape: tuple[int, ...],
-                 install: Callable, show: Callable[[int], None] | None = None) -> None:
+                 install: Callable) -> None:
         self.settings = settings
         self.install = install            # the Loader's install(patcher, weights, strength)
         self.output = output
         self.shape = shape                # the validation latent's (:func:`latent_shape`)
-        self.show = show                  # called with the step after each new image
-        self.images: list[tuple[int, Image.Image]] = []
-        self.files: list[Path] = []
+        self.show: Callable[[int], None] | None = None
+        self.thumbnails: list[tuple[int, Image.Image]] = []   # (step, image), in step order
 
     def sample(self, step: int, weights, patcher) -> None:
         """:data:`training.loop.ValidateCallback`: one validation image at ``step``."""
@@ -161,8 +173,9 @@ class Validator:
             with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
                 latent = torch.zeros(self.shape)
                 noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
-                negative = s.negative if s.negative is not None else s.positive
-                out = comfy.sample.sample(sampling, noise, s.steps, s.cfg, s.sampler, s.scheduler,
+                # No negative: the positive stands in, and CFG 1 skips the identical second pass.
+                negative, cfg = (s.negative, s.cfg) if s.negative is not None else (s.positive, 1.0)
+                out = comfy.sample.sample(sampling, noise, s.steps, cfg, s.sampler, s.scheduler,
                                           s.positive, negative, latent, seed=s.seed,
                                           callback=_interrupt_check, disable_pbar=True)
                 image = to_image(s, latent_format, out)
@@ -171,16 +184,13 @@ class Validator:
             comfy.model_management.load_models_gpu([patcher], force_full_load=True)
             patcher.pre_run()
             del sampling
-        path = png_path(self.output, step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_png(path, image)
-        self.images.append((step, image))
-        self.files.append(path)
+        atomic_write(png_path(self.output, step), lambda tmp: image.save(tmp, format="PNG"))
+        self.thumbnails.append((step, _thumbnail(image)))
         if self.show is not None:
             self.show(step)
 
     def latest(self) -> Image.Image | None:
-        return self.images[-1][1] if self.images else None
+        return self.thumbnails[-1][1] if self.thumbnails else None
 
     def preview(self, curve: Image.Image) -> Image.Image:
         """The progress preview: the loss curve, and under it the newest validation image."""
@@ -192,21 +202,22 @@ class Validator:
                              Image.NEAREST)
         out = Image.new("RGB", (curve.width, curve.height + tile.height + TILE_LABEL), "white")
         out.paste(curve, (0, 0))
-        ImageDraw.Draw(out).text((4, curve.height + 1), f"validation, step {self.images[-1][0]}",
+        ImageDraw.Draw(out).text((4, curve.height + 1), f"validation, step {self.thumbnails[-1][0]}",
                                  fill=(0, 0, 0))
         out.paste(tile, ((curve.width - tile.width) // 2, curve.height + TILE_LABEL))
         return out
 
     def grid(self) -> torch.Tensor:
-        """IMAGE (1, H, W, 3): every validation image, in step order, each under its step."""
-        if not self.images:
+        """IMAGE (1, H, W, 3): every validation image (as its thumbnail), in step order, each under
+        its step."""
+        if not self.thumbnails:
             return placeholder()
-        w, h = self.images[0][1].size
-        cols = math.ceil(math.sqrt(len(self.images)))
-        rows = math.ceil(len(self.images) / cols)
+        w, h = self.thumbnails[0][1].size
+        cols = math.ceil(math.sqrt(len(self.thumbnails)))
+        rows = math.ceil(len(self.thumbnails) / cols)
         out = Image.new("RGB", (cols * w, rows * (h + TILE_LABEL)), "white")
         draw = ImageDraw.Draw(out)
-        for i, (step, image) in enumerate(self.images):
+        for i, (step, image) in enumerate(self.thumbnails):
             x, y = (i % cols) * w, (i // cols) * (h + TILE_LABEL)
             draw.text((x + 2, y + 1), f"step {step}", fill=(0, 0, 0))
             out.paste(image, (x, y + TILE_LABEL))
