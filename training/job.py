@@ -96,7 +96,7 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
     inputs.check_conditioning(positive, base, family, samples.shape[0])
     targets = find_targets(base.diffusion_model, family, config.scope)
     inputs.check_rank(config.variant, config.rank, config.min_rank, targets)
-    weights = inputs.loss_weights(mask, samples)
+    weights = inputs.loss_weights(mask, samples, family.latent_downscale)
     resume = resume_path = None
     if resume_from and resume_from != NO_RESUME:
         resume_path = lora_folder.resolve_resume(resume_from)
@@ -161,11 +161,13 @@ def run_job(model, job: TrainJob, config: TrainConfig, reload: Callable[[object,
     def on_save(step, weights, state):
         _save(lora_folder.intermediate_path(job.path, step), weights, state, config, job, step)
 
+    def on_final(step, weights, state):
+        _save(job.path, weights, state, config, job, step)
+
     result = train(model, data, config, resume=job.resume,
                    on_step=_progress(config, job, node_id, send_text, validator), on_save=on_save,
-                   on_validate=None if validator is None else validator.sample,
+                   on_final=on_final, on_validate=None if validator is None else validator.sample,
                    validate_every=0 if validator is None else validator.settings.every)
-    _save(job.path, result.weights, result.state, config, job, result.step)
     out = reload(model, lora_folder.display_name(job.path))
     log.info("T-LoRA Train: saved %s after %d steps (final loss %.4f)", job.path, result.step,
              result.losses[-1] if result.losses else float("nan"))

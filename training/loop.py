@@ -13,7 +13,8 @@ removed and the model is restored before the exception leaves :func:`train`.
 
 Validation samples (``on_validate``, :mod:`.validation`) run between steps, with the training hooks
 off and the adapter in its saved-file form; they draw nothing from the step generators, so a run
-gives the same adapter with and without them.
+gives the same adapter with and without them. The last one runs after ``on_final`` has had the
+finished adapter, so a failure or Cancel during that sample loses nothing of the run.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class TrainResult:
 StepCallback = Callable[[int, int, float, list[float]], None]
 """``on_step(step, total, loss, losses)`` after every optimizer step."""
 SaveCallback = Callable[[int, "TLoRAWeights", "state_io.TrainingState"], None]
-"""``on_save(step, weights, state)`` every ``save_every`` steps (not at the last step)."""
+"""``on_save(step, weights, state)`` every ``save_every`` steps (not at the last step);
+``on_final(step, weights, state)`` once after the last step, before its validation sample."""
 ValidateCallback = Callable[[int, "TLoRAWeights", object], None]
 """``on_validate(step, weights, patcher)`` every ``validate_every`` steps and after the last one,
 with the training hooks off: ``patcher`` is the loaded training clone, to sample a clone of (see
@@ -208,7 +210,8 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
 
 def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.TrainingState | None = None,
           on_step: StepCallback | None = None, on_save: SaveCallback | None = None,
-          on_validate: ValidateCallback | None = None, validate_every: int = 0) -> TrainResult:
+          on_final: SaveCallback | None = None, on_validate: ValidateCallback | None = None,
+          validate_every: int = 0) -> TrainResult:
     """Train a T-LoRA on ``patcher``'s model (never modified) and return the exported weights.
 
     ``data`` comes from :func:`training.inputs.prepare_data`; ``resume`` from
@@ -239,6 +242,15 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         identity = _identity(config, architecture)
         rank_state = RankState(strict=True)
         adapters.attach(tp.model.diffusion_model, rank_state, config.schedule())
+
+        def validate(done: int, weights: TLoRAWeights) -> None:
+            adapters.detach()   # the sample runs the saved-file form, not the training hooks
+            try:
+                on_validate(done, weights, tp)
+            finally:
+                adapters.attach(tp.model.diffusion_model, rank_state, config.schedule())
+
+        validating = on_validate is not None and validate_every > 0
         try:
             for step in range(start, config.steps):
                 comfy.model_management.throw_exception_if_processing_interrupted()
@@ -251,16 +263,14 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
                         and done < config.steps:
                     on_save(done, build_weights(adapters, config, architecture),
                             _capture(done, losses, identity, adapters, optimizer, config))
-                if on_validate is not None and validate_every and (
-                        done % validate_every == 0 or done == config.steps):
-                    weights = build_weights(adapters, config, architecture)
-                    adapters.detach()   # the sample runs the saved-file form, not the training hooks
-                    try:
-                        on_validate(done, weights, tp)
-                    finally:
-                        adapters.attach(tp.model.diffusion_model, rank_state, config.schedule())
+                if validating and done % validate_every == 0 and done < config.steps:
+                    validate(done, build_weights(adapters, config, architecture))
             weights = build_weights(adapters, config, architecture)
             final_state = _capture(config.steps, losses, identity, adapters, optimizer, config)
+            if on_final is not None:
+                on_final(config.steps, weights, final_state)
+            if validating and start < config.steps:
+                validate(config.steps, weights)
         finally:
             adapters.detach()
             optimizer.zero_grad(set_to_none=True)
