@@ -281,17 +281,21 @@ def test_loss_weights_resize_and_reject_bad_masks(tr):
     samples = torch.zeros(2, 4, 8, 12)
     pixel = torch.zeros(64, 96)
     pixel[:, :48] = 1
-    w = tr.inputs.loss_weights(pixel, samples)
+    w = tr.inputs.loss_weights(pixel, samples, 8)
     assert w.shape == (2, 1, 8, 12)
     assert w[..., :6].eq(1).all() and w[..., 6:].eq(0).all()
-    assert tr.inputs.loss_weights(torch.ones(2, 8, 12), samples).shape == (2, 1, 8, 12)
-    assert tr.inputs.loss_weights(None, samples) is None
+    assert tr.inputs.loss_weights(torch.ones(2, 8, 12), samples, 8).shape == (2, 1, 8, 12)
+    assert tr.inputs.loss_weights(None, samples, 8) is None
     with pytest.raises(ValueError, match="image is 96x64"):
-        tr.inputs.loss_weights(torch.ones(1, 60, 96), samples)
+        tr.inputs.loss_weights(torch.ones(1, 60, 96), samples, 8)
     with pytest.raises(ValueError, match="3 masks for 2 images"):
-        tr.inputs.loss_weights(torch.ones(3, 8, 12), samples)
+        tr.inputs.loss_weights(torch.ones(3, 8, 12), samples, 8)
     with pytest.raises(ValueError, match="empty"):
-        tr.inputs.loss_weights(torch.zeros(8, 12), samples)
+        tr.inputs.loss_weights(torch.zeros(8, 12), samples, 8)
+    # A VAE that scales 16x (FLUX.2): the image is twice as large, and the 8x size is refused.
+    assert tr.inputs.loss_weights(torch.ones(128, 192), samples, 16).shape == (2, 1, 8, 12)
+    with pytest.raises(ValueError, match="image is 192x128"):
+        tr.inputs.loss_weights(pixel, samples, 16)
 
 
 def test_5d_latents_get_one_frame_weights_and_the_same_masked_loss(tr):
@@ -300,9 +304,9 @@ def test_5d_latents_get_one_frame_weights_and_the_same_masked_loss(tr):
     samples = torch.zeros(2, 16, 1, 8, 12)
     pixel = torch.zeros(64, 96)
     pixel[:, :48] = 1
-    w5 = tr.inputs.loss_weights(pixel, samples)
+    w5 = tr.inputs.loss_weights(pixel, samples, 8)
     assert w5.shape == tr.inputs.latent_weight_shape(samples) == (2, 1, 1, 8, 12)
-    w4 = tr.inputs.loss_weights(pixel, samples[:, :, 0])
+    w4 = tr.inputs.loss_weights(pixel, samples[:, :, 0], 8)
     assert torch.equal(w5[:, :, 0], w4)
     gen = torch.Generator().manual_seed(0)
     pred, target = torch.randn(2, 16, 1, 8, 12, generator=gen), torch.randn(2, 16, 1, 8, 12, generator=gen)

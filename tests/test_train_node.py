@@ -164,14 +164,16 @@ def test_progress_bar_reports_every_step_with_a_loss_curve_preview(loras_dir, mo
     assert len(previews) == 1 and previews[0][0] == "JPEG" and previews[0][1].size == (512, 320)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "qwen_image"])   # 4-D and 5-D latents
+# 4-D and 5-D latents; FLUX.2's VAE scales 16x, so its image-size mask is twice as large.
+@pytest.mark.parametrize("family", ["sdxl", "qwen_image", "flux2"])
 def test_few_images_with_per_image_prompts_and_a_subject_mask(loras_dir, family):
     model, latents, positive = th.node_inputs(family, images=2)
+    side = th.SIZE * comfy_runtime.family_spec(family).latent_downscale
     with torch.inference_mode():
         second = th.node_inputs(family)[2]
         positive = positive + second   # one prompt per image, in image order
-        mask = torch.zeros(2, 64, 64)
-        mask[:, 16:48, 16:48] = 1
+        mask = torch.zeros(2, side, side)
+        mask[:, side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
     _, name, _ = run_node(model, latents, positive, mask=mask, batch_size=2, steps=2)
     with safe_open(str(loras_dir / name), framework="pt") as f:
         assert json.loads(f.metadata()["tlora.training"])["images"] == 2

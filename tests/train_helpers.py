@@ -28,7 +28,7 @@ def training_data(model, latents, positive, mask=None):
 
     family = inputs.family_of(model.model)
     samples = inputs.latent_samples(latents, model.model, family)
-    weights = inputs.loss_weights(mask, samples)
+    weights = inputs.loss_weights(mask, samples, family.latent_downscale)
     with torch.inference_mode(False):
         return inputs.prepare_data(model.model, family, samples, positive, weights, torch.device("cpu"))
 

@@ -120,11 +120,12 @@ def check_numbers(steps: int, batch_size: int, learning_rate: float, save_every:
         raise ValueError(f"schedule_power must be a positive number, got {schedule_power}")
 
 
-def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: int = 8) -> torch.Tensor | None:
+def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: int) -> torch.Tensor | None:
     """The subject MASK as per-image loss weights at latent size, or None: (N, 1, h, w) for 4-D
     latents, (N, 1, 1, h, w) for 5-D ones (:func:`latent_weight_shape`), broadcastable on them.
 
-    The mask must have the image's size (latent size x ``downscale``) or the latent's size, and
+    The mask must have the image's size (latent size x ``downscale``, the family's
+    ``latent_downscale``) or the latent's size, and
     one mask for all images or one per image. Resized by area averaging (soft edges stay soft).
     """
     if mask is None:
