@@ -186,6 +186,20 @@ def test_resuming_with_other_choices_names_the_metadata_key(mods):
             check(**changes)
 
 
+def test_a_finished_or_shortened_cosine_run_is_told_what_resumes_it(mods):
+    loop, _, state, _ = mods
+    made = loop.TrainConfig(lr_schedule="cosine", steps=10).resume_options()
+    for step, steps, message in [(10, 10, "end of its cosine .* cannot be extended"),
+                                 (10, 20, "end of its cosine .* cannot be extended"),
+                                 (4, 3, "already at step 4; set steps to 10")]:
+        with pytest.raises(ValueError, match=message):
+            state.check_compatible(state.TrainingState(step, [], {}, [], {}, {}, made), {}, [], steps,
+                                   loop.TrainConfig(lr_schedule="cosine", steps=steps).resume_options())
+    constant = state.TrainingState(4, [], {}, [], {}, {}, loop.TrainConfig().resume_options())
+    with pytest.raises(ValueError, match="already at step 4; set steps above 4"):
+        state.check_compatible(constant, {}, [], 3, loop.TrainConfig(steps=3).resume_options())
+
+
 SPLIT_CASES = {
     "flux Prodigy cosine logit-normal shifted": (
         "flux", dict(optimizer="Prodigy", learning_rate=1.0, lr_schedule="cosine", warmup_steps=1,

@@ -118,9 +118,17 @@ def check_compatible(state: TrainingState, identity: dict, adapter_keys: list[st
     if state.adapter_keys != adapter_keys:
         raise ValueError("the training state's layers differ from this model's adapted layers "
                          f"({len(state.adapter_keys)} vs {len(adapter_keys)}); resume on the same model")
+    # A cosine schedule fixes the run's length: only that length resumes it (_check_options).
+    planned = state.options.get("schedule_steps") if state.options.get("lr_schedule") == "cosine" else None
+    if planned is not None and state.step >= planned:
+        raise ValueError(f"the training state is at step {state.step}, the end of its cosine "
+                         "learning-rate schedule (metadata tlora_state.options), which cannot be "
+                         "extended: resume from an earlier save_every checkpoint of that run, or "
+                         "start a new run")
     if state.step >= steps:
-        raise ValueError(f"the training state is already at step {state.step}; set steps above "
-                         f"{state.step} to train further")
+        target = f"to {planned}" if planned is not None else f"above {state.step}"
+        raise ValueError(f"the training state is already at step {state.step}; set steps {target} "
+                         "to train further")
     if options is not None:
         _check_options(state.options, options)
 
