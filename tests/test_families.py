@@ -430,18 +430,26 @@ def test_text_modules_inside_the_model_are_never_targets(comfy, family, scope):
 @pytest.mark.comfy
 @pytest.mark.parametrize("family", ["krea2"])
 def test_krea2_diffusers_names_are_comfyuis(comfy, family):
-    """Krea 2's diffusers spellings (``transformer_blocks.N.attn.to_q`` ..., ``ff.gate`` ...) land
-    on the modules ComfyUI's own key map gives them, and cover every attention+ff target."""
+    """Krea 2's diffusers spellings are exactly the Linear layers ComfyUI's own key map gives a
+    ``transformer.`` name (comfy.utils.krea2_to_diffusers): the blocks' attention (the output gate
+    too, to_out with and without ".0"), feed-forward and text fusion, the embedders and the final
+    layer; so a diffusers Krea 2 LoRA changes the same layers through T-LoRA Loader as through the
+    stock loader."""
     from comfy.lora import model_lora_keys_unet
 
+    from tlora_core.inventory import Target
+
     model = comfy.build_model(family)
-    key_map = model_lora_keys_unet(model.model, {})
     inventory = _inventory(model.model.diffusion_model)
-    ours = families.get(family).foreign_names(inventory)
-    assert {t.module for t in ours.values()} == {t.module for t in families.get(family).targets(inventory, "attention+ff")}
-    for name, target in ours.items():
-        assert target.out_rows is None
-        assert key_map[f"transformer.{name}"] == f"diffusion_model.{target.module}.weight", name
+    stock = {}
+    for lora_key, to in model_lora_keys_unet(model.model, {}).items():
+        module = to.removeprefix("diffusion_model.").removesuffix(".weight") if isinstance(to, str) else None
+        if lora_key.startswith("transformer.") and module in inventory:
+            stock[lora_key.removeprefix("transformer.")] = Target(module)
+    ours = dict(families.get(family).foreign_names(inventory))
+    assert {"transformer_blocks.0.attn.to_gate", "transformer_blocks.0.attn.to_out",
+            "text_fusion.refiner_blocks.1.ff.down", "final_layer.linear"} <= set(ours)
+    assert ours == stock
 
 
 @pytest.mark.comfy

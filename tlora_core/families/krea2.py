@@ -26,10 +26,17 @@ from ._spec import Family, Layers, Recipe
 
 _BLOCK = r"^blocks\.\d+\."
 
-# Diffusers' Krea 2 names inside a block -> ComfyUI's (the map ComfyUI's LoRA loader uses too).
-_DIFFUSERS = {"attn.to_q": "attn.wq", "attn.to_k": "attn.wk", "attn.to_v": "attn.wv",
-              "attn.to_out.0": "attn.wo", "ff.gate": "mlp.gate", "ff.up": "mlp.up",
-              "ff.down": "mlp.down"}
+# Diffusers' Krea 2 names -> ComfyUI's module paths, as ComfyUI's LoRA loader maps them
+# (comfy.utils.krea2_to_diffusers): inside every block of the main stack and of the text fusion
+# (some tools write to_out without its ".0"), and the embedders and the final layer.
+_IN_BLOCK = {"attn.to_q": "attn.wq", "attn.to_k": "attn.wk", "attn.to_v": "attn.wv",
+             "attn.to_gate": "attn.gate", "attn.to_out.0": "attn.wo", "attn.to_out": "attn.wo",
+             "ff.gate": "mlp.gate", "ff.up": "mlp.up", "ff.down": "mlp.down"}
+_STACKS = {"blocks": "transformer_blocks", "txtfusion.layerwise_blocks": "text_fusion.layerwise_blocks",
+           "txtfusion.refiner_blocks": "text_fusion.refiner_blocks"}
+_OUTSIDE = {"img_in": "first", "time_embed.linear_1": "tmlp.0", "time_embed.linear_2": "tmlp.2",
+            "time_mod_proj": "tproj.1", "txt_in.linear_1": "txtmlp.1", "txt_in.linear_2": "txtmlp.3",
+            "text_fusion.projector": "txtfusion.projector", "final_layer.linear": "last.linear"}
 
 
 def _is_krea2(inventory: Inventory) -> bool:
@@ -37,14 +44,14 @@ def _is_krea2(inventory: Inventory) -> bool:
 
 
 def _diffusers_names(inventory: Inventory) -> Mapping[str, Target]:
-    names = {}
-    for path in inventory:
-        parts = path.split(".", 2)
-        if len(parts) < 3 or parts[0] != "blocks":
-            continue
-        for name, module in _DIFFUSERS.items():
-            if parts[2] == module:
-                names[f"transformer_blocks.{parts[1]}.{name}"] = Target(path)
+    names = {name: Target(module) for name, module in _OUTSIDE.items() if module in inventory}
+    for ours, theirs in _STACKS.items():
+        index = 0
+        while f"{ours}.{index}.attn.wq" in inventory:
+            for name, module in _IN_BLOCK.items():
+                if f"{ours}.{index}.{module}" in inventory:
+                    names[f"{theirs}.{index}.{name}"] = Target(f"{ours}.{index}.{module}")
+            index += 1
     return names
 
 
@@ -86,5 +93,6 @@ FAMILY = Family(
         "heads": 48, "kvheads": 12, "txtlayers": 12, "txtdim": 2560,
     },
     min_comfyui="0.33.0",
+    file_key_hint=r"[._]attn[._](w[qkvo]|gate|to_gate)(?![a-z])|txtfusion|text_fusion|[._]ff[._](gate|up|down)(?![a-z])",
     position=60,
 )
