@@ -210,21 +210,56 @@ def test_guess_file_architecture(keys, meta, expected):
 
 
 @pytest.mark.parametrize("keys,expected", [
-    # diffusers spells FLUX's double blocks and SD3's joint blocks alike ...
-    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], "flux-or-sd3"),
-    (["lora_transformer_transformer_blocks_0_attn_add_k_proj.lora_down.weight"], "flux-or-sd3"),
-    # ... the file's other keys tell them apart: FLUX's single blocks, SD3.5's attn2
+    # diffusers spells FLUX's double blocks, SD3's joint blocks and Qwen-Image's blocks alike ...
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], "diffusers-joint"),
+    (["lora_transformer_transformer_blocks_0_attn_add_k_proj.lora_down.weight"], "diffusers-joint"),
+    # ... the file's other keys tell them apart: FLUX's single blocks, SD3.5's attn2, Qwen's MLPs
     (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
       "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"], "flux"),
     (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
       "transformer.transformer_blocks.0.attn2.to_q.lora_A.weight"], "sd3"),
     (["lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight",
       "lora_unet_joint_blocks_1_x_block_attn_qkv.lora_down.weight"], "sd3"),
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight",
+      "transformer.transformer_blocks.0.img_mlp.net.0.proj.lora_A.weight"], "qwen_image"),
+    (["lora_unet_transformer_blocks_59_attn_add_v_proj.lora_down.weight",
+      "lora_unet_transformer_blocks_59_txt_mlp_net_2.lora_down.weight"], "qwen_image"),
     # a UNet's attn2 is not SD3's
     (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q.lora_A.weight"], "sdxl"),
 ])
-def test_guess_tells_diffusers_flux_and_sd3_files_apart(keys, expected):
+def test_guess_tells_diffusers_flux_sd3_and_qwen_files_apart(keys, expected):
     assert guess_file_architecture(keys, {}) == expected
+
+
+@pytest.mark.parametrize("keys,expected", [
+    (["lora_unet_blocks_0_attn_wq.lora_down.weight"], "krea2"),
+    (["transformer.transformer_blocks.3.attn.to_gate.lora_A.weight"], "krea2"),
+    (["diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight"], "anima"),
+    (["lora_unet_blocks_2_cross_attn_output_proj.alpha"], "anima"),
+    (["lora_unet_layers_0_attention_qkv.lora_up.weight"], "zimage"),
+    (["diffusion_model.layers.4.attention.to_k.lora_B.weight"], "zimage"),
+    (["diffusion_model.noise_refiner.0.feed_forward.w2.lora_A.weight"], "zimage"),
+])
+def test_families_without_generic_rules_are_told_by_their_own_key_hints(keys, expected):
+    assert guess_file_architecture(keys, {}) == expected
+
+
+def test_every_known_familys_own_file_keys_are_guessed_as_it(comfy, family):
+    """The keys ComfyUI's stock loader reads for a tiny model's target layers (kohya's
+    ``lora_unet_`` spelling of its module paths) are guessed as that model's family, or as what
+    names alone cannot tell apart (FLUX.2 / Chroma write FLUX.1's block names; Qwen-Image's
+    attention is spelled as FLUX's and SD3's joint blocks)."""
+    import family_configs
+    from tlora_core import families
+    from tlora_core.inventory import inventory_from_module
+
+    model = comfy.build_model(family)
+    spec = families.get(family_configs.registry_id(family))
+    targets = spec.targets(inventory_from_module(model.model.diffusion_model))
+    keys = [f"lora_unet_{t.module.replace('.', '_')}.lora_down.weight" for t in targets]
+    same_names = {"flux2": "flux", "chroma": "flux", "sd15": "sd1"}
+    allowed = {spec.id, same_names.get(spec.id)} | ({"diffusers-joint"} if spec.diffusers_joint_blocks else set())
+    assert guess_file_architecture(keys, {}) in allowed
 
 
 def test_inventory_and_architecture_of_a_module_tree_on_the_meta_device():

@@ -87,5 +87,6 @@ FAMILY = Family(
         "rope_enable_fps_modulation": False,
     },
     min_comfyui="0.33.0",
+    file_key_hint=r"[._](self_attn|cross_attn)[._]([qkv]_proj|output_proj)|llm_adapter|[._]mlp[._]layer[12](?!\d)",
     position=70,
 )

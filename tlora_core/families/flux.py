@@ -80,6 +80,7 @@ FAMILY = Family(
         "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
         "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
     },
+    diffusers_joint_blocks=True,
     position=20,
     reference_files=REFERENCE_FILES,
 )

@@ -83,5 +83,7 @@ FAMILY = Family(
     # Qwen-Image (20B; Qwen-Image-Edit / 2509 / 2511 share it) as ComfyUI's model detection gives
     # it: 60 blocks of 24 heads x 128, the class defaults for the rest.
     real_config={"image_model": "qwen_image", "in_channels": 64, "num_layers": 60},
+    file_key_hint=r"[._](img|txt)_(mlp|mod)[._]",
+    diffusers_joint_blocks=True,
     position=35,
 )

@@ -122,5 +122,6 @@ FAMILY = Family(
         "num_patches": 36864, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None,
         "x_block_self_attn_layers": [], "qk_norm": "rms",
     },
+    diffusers_joint_blocks=True,
     position=30,
 )

@@ -93,5 +93,6 @@ FAMILY = Family(
         "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
         "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
     },
+    file_key_hint=r"[._]attention[._](qkv|out|to_[qkv]|to_out)(?![a-z])|(context|noise)_refiner|feed_forward[._]w[123]",
     position=40,
 )

@@ -26,11 +26,15 @@ from ..weights import TLoRAWeights
 log = logging.getLogger(__name__)
 
 # What a file can look made for: the known families, a few the pack does not load, and undecided.
+_JOINT = [f for f in families.all_families() if f.diffusers_joint_blocks]
 ARCHITECTURE_LABELS = {
     **{f.id: f.label for f in families.all_families()}, "sd1": "SD 1.x/2.x",
-    "flux-or-sd3": "FLUX or SD3 (diffusers names their joint blocks alike)",
+    "diffusers-joint": f"{', '.join(f.label for f in _JOINT[:-1])} or {_JOINT[-1].label} (diffusers names "
+                       "their joint blocks alike)",
     "text-encoder": "text encoders only", "unknown": "an unrecognised model",
 }
+# The families' own key hints (Family.file_key_hint), asked before the generic rules below.
+_HINTS = [(f.id, re.compile(f.file_key_hint)) for f in families.all_families() if f.file_key_hint]
 
 
 class TLoRAFileError(ValueError):
@@ -50,8 +54,9 @@ _UNET_KEY = re.compile(r"(input|output)[._]blocks|middle[._]block|(down|up)[._]b
 # Attention in the first UNet level exists in SD 1.x/2.x, not in SDXL.
 _SD1_KEY = re.compile(r"input[._]blocks[._][12][._]1[._]|down[._]blocks[._]0[._]attentions")
 _TE_KEY = re.compile(r"^(lora_te\d?_|text_encoder|te\d?[._]|clip_|t5)")
-# diffusers spells FLUX's double blocks and SD3's joint blocks alike (transformer_blocks.N.attn.*):
-# FLUX's single blocks, SD3's own names and SD3.5's second image attention (attn2) tell them apart.
+# diffusers spells FLUX's double blocks, SD3's joint blocks and Qwen-Image's blocks alike
+# (transformer_blocks.N.attn.*): FLUX's single blocks, SD3's own names and SD3.5's second image
+# attention (attn2), Qwen-Image's img_mlp / txt_mlp tell them apart.
 _DIFFUSERS_JOINT_KEY = re.compile(r"(?:^|(?<!single)[._])transformer[._]blocks[._]\d+[._]attn[._]")
 _SD3_KEY = re.compile(r"joint[._]blocks|(?:^|[._])transformer[._]blocks[._]\d+[._]attn2[._]")
 
@@ -77,10 +82,11 @@ def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | N
     """Which architecture a file looks made for: a key of :data:`ARCHITECTURE_LABELS`.
 
     Metadata (``tlora.architecture``, ``modelspec.architecture``, ``ss_base_model_version``) wins;
-    otherwise the block names in the keys vote (FLUX ``double_blocks`` / diffusers
-    ``single_transformer_blocks``, SD3 ``joint_blocks`` / diffusers ``attn2``, LDM / diffusers
-    UNet names); diffusers' ``transformer_blocks.N.attn`` go with FLUX's or SD3's other keys, and
-    are ``"flux-or-sd3"`` alone.
+    otherwise the keys vote: a family's own hint (``Family.file_key_hint``) first, then block names
+    (FLUX ``double_blocks`` / diffusers ``single_transformer_blocks``, SD3 ``joint_blocks`` /
+    diffusers ``attn2``, LDM / diffusers UNet names); diffusers' ``transformer_blocks.N.attn`` go
+    with the other keys of the one family that spells joint blocks so (FLUX, SD3, Qwen-Image), and
+    are ``"diffusers-joint"`` when nothing else tells.
     """
     found = _architecture_from_metadata(metadata or {})
     if found:
@@ -88,7 +94,10 @@ def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | N
     votes: Counter[str] = Counter()
     joint = 0
     for key in keys:
-        if _UNET_KEY.search(key):
+        hinted = next((family for family, hint in _HINTS if hint.search(key)), None)
+        if hinted is not None:
+            votes[hinted] += 1
+        elif _UNET_KEY.search(key):
             votes["sd1" if _SD1_KEY.search(key) else "sdxl"] += 1
         elif _SD3_KEY.search(key):
             votes["sd3"] += 1
@@ -102,9 +111,9 @@ def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | N
         # One SD 1.x-only block is enough: SDXL files never contain it.
         votes["sd1"] += votes.pop("sdxl", 0)
     if joint:
-        # The file's other transformer keys say whose joint blocks these are.
-        side = {(True, False): "flux", (False, True): "sd3"}.get((votes["flux"] > 0, votes["sd3"] > 0))
-        votes[side or "flux-or-sd3"] += joint
+        # The file's other keys say whose joint blocks these are, if only one such family has any.
+        sides = [f.id for f in _JOINT if votes[f.id] > 0]
+        votes[sides[0] if len(sides) == 1 else "diffusers-joint"] += joint
     return votes.most_common(1)[0][0] if votes else "unknown"
 
 
