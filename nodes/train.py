@@ -138,8 +138,9 @@ def _optimizer_inputs() -> list:
             f"How training draws noise levels on flow models ({_flow_labels()}). uniform = the "
             "reference code. logit-normal = SD3's density: more steps at mid noise, where flow "
             "models learn composition and identity (see logit_mean / logit_std). 'shifted' maps "
-            "either through the model's own sampling shift, so training visits the noise levels its "
-            "sampler does (more high noise, e.g. FLUX's resolution shift). "
+            "either through the shift of the MODEL's sampling as it reaches this node (its family's "
+            "default, or what a ModelSamplingFlux / ModelSamplingAuraFlow / ModelSamplingSD3 node "
+            "before it sets), so training visits the noise levels its sampler does (more high noise). "
             f"{_discrete_labels()} train on their 1000 discrete timesteps drawn uniformly (the "
             "paper) and accept only uniform.")),
         io.Float.Input("logit_mean", default=0.0, min=-3.0, max=3.0, step=0.05, optional=True, tooltip=(
@@ -164,12 +165,13 @@ def _validation_inputs() -> list:
             "The prompt to sample with, e.g. 'a photo of sks dog on the beach' (a new context "
             "shows whether the concept generalises). Needed when validation_every > 0.")),
         io.Conditioning.Input("validation_negative", optional=True, tooltip=(
-            "Negative prompt for the validation samples. Not connected = the positive prompt is "
-            "used (then CFG has no effect, as for FLUX with CFG 1).")),
+            "Negative prompt for the validation samples. Not connected = none: the samples run "
+            "at CFG 1 whatever validation_cfg says (the same image as CFG with the positive as "
+            "negative, at half the cost).")),
         io.Vae.Input("validation_vae", optional=True, tooltip=(
             "The model's VAE, to decode the validation samples into real images. Not connected = "
-            "ComfyUI's fast latent-to-RGB preview colours (1/8 size, approximate), which costs "
-            "nothing but shows only composition and colour.")),
+            "ComfyUI's fast latent-to-RGB preview colours (at latent size: 1/8 of the pixels, 1/16 "
+            "for FLUX.2; approximate), which cost nothing but show only composition and colour.")),
         io.Int.Input("validation_steps", default=20, min=1, max=1000, optional=True, tooltip=(
             "Sampler steps per validation image (as KSampler's steps). Each validation image costs "
             "about this many model calls (twice with CFG > 1).")),
@@ -182,9 +184,11 @@ def _validation_inputs() -> list:
                               "the images differ only by what the T-LoRA has learnt. Independent "
                               "of the training seed.")),
         io.Int.Input("validation_width", default=0, min=0, max=16384, step=8, optional=True, tooltip=(
-            "Width of the validation images in pixels. 0 = the training image's size.")),
+            "Width of the validation images in pixels. 0 = the training image's size. Rounded down "
+            "to the VAE's scale (8; 16 for FLUX.2).")),
         io.Int.Input("validation_height", default=0, min=0, max=16384, step=8, optional=True, tooltip=(
-            "Height of the validation images in pixels. 0 = the training image's size.")),
+            "Height of the validation images in pixels. 0 = the training image's size. Rounded down "
+            "to the VAE's scale (8; 16 for FLUX.2).")),
         io.Combo.Input("validation_sampler", options=list(validation.SAMPLERS), default="euler",
                        optional=True, tooltip="ComfyUI sampler of the validation samples (as KSampler's)."),
         io.Combo.Input("validation_scheduler", options=list(validation.SCHEDULERS), default="normal",
