@@ -69,7 +69,7 @@ def _loop_runs(comfy_runtime, family: str, steps: int) -> dict:
 
     with torch.inference_mode():
         model = comfy_runtime.build_model(family)
-        latents = torch.randn(1, comfy_runtime.latent_channels(family), 32, 32,
+        latents = torch.randn(comfy_runtime.latent_shape(family, 1, 32),
                               generator=torch.Generator().manual_seed(0))
         positive = comfy_runtime.fake_conditioning(family)
         with torch.inference_mode(False):
@@ -97,18 +97,20 @@ def _optimizer_step_runs(comfy_runtime, steps: int) -> tuple[dict, dict, dict]:
 
     model = comfy_runtime.build_model("flux", comfy_runtime.REAL_FLUX_CONFIG, device="meta")
     found = targets.find_targets(model.diffusion_model, "flux", "attention")
-    adapters = modules.AdapterSet(found, "vanilla", 32, seed=0)
-    params = list(adapters.parameters())
+    # Each optimizer steps its own copy of the same fresh adapters: on shared tensors the first
+    # would move the zero-initialised up factors, and Prodigy would then keep a full p0 of them
+    # (its state, and its step, larger than in a real run).
+    params = {name: list(modules.AdapterSet(found, "vanilla", 32, seed=0).parameters()) for name in OPTIMIZERS}
     gen = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
-    made = {name: optim.make_optimizer(params, name, lr, (0.9, 0.999), 1e-4, torch.device("cpu"))
+    grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params["AdamW"]]
+    made = {name: optim.make_optimizer(params[name], name, lr, (0.9, 0.999), 1e-4, torch.device("cpu"))
             for name, lr in OPTIMIZERS.items()}
 
     def run_of(name: str):
         def run() -> list[float]:
             out = []
             for _ in range(steps):
-                for p, g in zip(params, grads):
+                for p, g in zip(params[name], grads):
                     p.grad = g.clone()
                 start = time.process_time()
                 made[name].step()
@@ -118,7 +120,7 @@ def _optimizer_step_runs(comfy_runtime, steps: int) -> tuple[dict, dict, dict]:
         return run
 
     runs = {name: run_of(name) for name in OPTIMIZERS}
-    extra = {"trainable_parameters": sum(p.numel() for p in params)}
+    extra = {"trainable_parameters": sum(p.numel() for p in params["AdamW"])}
     return runs, extra, made
 
 

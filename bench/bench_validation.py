@@ -1,11 +1,11 @@
 """What validation samples cost a T-LoRA Train run, and that they leave its result bit-identical.
 
-One process, tiny SDXL / FLUX (ComfyUI's own classes), one 32x32 training latent, one CPU thread.
-The node itself (``TLoRATrain.execute``, as ComfyUI calls it, inference mode on) trains ``--steps``
-steps without validation and with a validation sample every ``--every`` steps (and after the last
-step), ``--val-steps`` sampler steps each (euler; CFG 5 on SDXL, so two model calls per sampler
-step, and 1 on FLUX), decoded by ComfyUI's latent-to-RGB preview (no VAE: the tiny test VAE's cost
-would say nothing about a real one). The runs alternate off / on / on / off ... (``--rounds``
+One process, tiny models of the chosen families (ComfyUI's own classes), one 32x32 training latent,
+one CPU thread. The node itself (``TLoRATrain.execute``, as ComfyUI calls it, inference mode on)
+trains ``--steps`` steps without validation and with a validation sample every ``--every`` steps
+(and after the last step), ``--val-steps`` sampler steps each (euler; CFG 5 on SDXL and 4 on
+Qwen-Image, so two model calls per sampler step, and 1 on FLUX), decoded by ComfyUI's
+latent-to-RGB preview (no VAE: the tiny test VAE's cost would say nothing about a real one). The runs alternate off / on / on / off ... (``--rounds``
 pairs), so a shared machine's slow drifts hit both alike; per setting the median wall and CPU time
 of a run, their ratio (on / off), the cost of one validation image in training steps, and whether
 every saved file of a validation run equals the file of the run without it, tensor for tensor
@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 SIZE = 32
-CFG = {"sdxl": 5.0, "flux": 1.0}
+CFG = {"sdxl": 5.0, "flux": 1.0, "qwen_image": 4.0}   # FLUX: distilled guidance, CFG 1; others: real CFG
 log = logging.getLogger("bench_validation")
 
 
@@ -53,7 +53,7 @@ def _run(comfy_runtime, family: str, folder: Path, name: str, args, validation: 
 
     with torch.inference_mode():
         model = comfy_runtime.build_model(family)
-        latents = {"samples": torch.randn(1, comfy_runtime.latent_channels(family), SIZE, SIZE,
+        latents = {"samples": torch.randn(comfy_runtime.latent_shape(family, 1, SIZE),
                                           generator=torch.Generator().manual_seed(0))}
         positive = comfy_runtime.fake_conditioning(family)
     folder_paths.folder_names_and_paths["loras"] = ([str(folder)], folder_paths.supported_pt_extensions)
@@ -61,7 +61,7 @@ def _run(comfy_runtime, family: str, folder: Path, name: str, args, validation: 
     extra = {}
     if validation:
         extra = dict(validation_every=args.every, validation_positive=positive,
-                     validation_steps=args.val_steps, validation_cfg=CFG[family], validation_seed=1)
+                     validation_steps=args.val_steps, validation_cfg=CFG.get(family, 1.0), validation_seed=1)
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         TLoRATrain.execute(model, latents, positive, variant="auto", rank=4, min_rank=-1, schedule_power=1.0,
@@ -89,7 +89,7 @@ def bench_family(comfy_runtime, family: str, args) -> dict:
                     for t in files[False] + files[True])
     images = len(range(args.every, args.steps + 1, args.every)) + (args.steps % args.every != 0)
     out = {"runs_per_setting": args.rounds, "validation_images_per_run": images,
-           "sampler_steps": args.val_steps, "cfg": CFG[family], "bit_identical": identical}
+           "sampler_steps": args.val_steps, "cfg": CFG.get(family, 1.0), "bit_identical": identical}
     for kind, index in (("wall", 0), ("cpu", 1)):
         off = statistics.median(t[index] for t in times[False])
         on = statistics.median(t[index] for t in times[True])
