@@ -27,12 +27,18 @@ family, each section in :data:`SECTIONS` order:
   mask) against the same file through ``LoraLoaderModelOnly`` (stock: merged weights), same
   sampler, steps and CFG, after one warm-up each (which loads / merges), on both loads: ratios;
 - ``loader``: 4 Euler steps with the trained file applied by the T-LoRA Loader's patch on the
-  dynamic and on the non-dynamic model: seconds and the largest latent difference;
+  dynamic and on the non-dynamic model: the sampler loop's seconds after one warm-up run (which
+  loads) and the largest latent difference;
 - ``train_on_dynamic_clone``: the training run forced onto a plain clone of the dynamic patcher
   (what the trainer avoids): whether it runs and how far it lands from the delegate's result.
 
+Models are loaded inside ``torch.inference_mode()``, as ComfyUI runs its loader nodes, so the
+non-dynamic load has inference-tensor weights as in real use (the trainer then copies each weight
+per forward; see ``training.prepare``).
+
 The time guard: before each section the script compares its estimate (the same section's time
-for the previous family; 0 for the first) with what is left of ``--budget-s`` (default 480 s);
+for the previous family; ``FIRST_ESTIMATE_S`` for the first, 0 under ``--tiny``) with what is left
+of ``--budget-s`` (default 480 s);
 a section that would not fit is skipped and recorded as such (a running section is not cut
 short). The JSON is rewritten after every section, so a run that is killed still leaves what it
 measured.
@@ -52,7 +58,6 @@ import contextlib
 import json
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +67,12 @@ for _path in (REPO / "tests", REPO / "bench"):   # the harness (it imports the p
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
-from gpu_measure import Budget, SamplerClock, StepClock, measured, ratio, sync  # noqa: E402
+from gpu_measure import Budget, SamplerClock, StepClock, measured, ratio  # noqa: E402
 
 import comfy_runtime  # noqa: E402
 
 BUDGET_S = 480.0
+FIRST_ESTIMATE_S = 60.0   # a section's estimate before any family has run it (GPU runs)
 FLUX_BLOCKS = (2, 4)   # double, single blocks of the depth-reduced FLUX.1 (real: 19, 38)
 SECTIONS = ("train", "comfy_trainer", "loader_vs_stock", "loader", "train_on_dynamic_clone")
 
@@ -312,18 +318,19 @@ def loader_vs_stock(loads: dict, family: str, spec: Spec, folder: Path, steps: i
 
 
 def sample_with(patcher, family: str, spec: Spec, weights) -> tuple[torch.Tensor, float]:
+    """The latent of 4 Euler steps with ``weights`` installed by the Loader's patch, and the sampler
+    loop's seconds on the second run (the first loads the model and warms up)."""
     from comfyui_tlora.nodes import patch
 
     model = patcher.clone()
     patch.install(model, weights)
+    clock = SamplerClock(model)
     _, positive, negative = inputs(family, spec)
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        latent = comfy_runtime.sample(model, family, steps=4, seed=3, size=spec.latent_side, cfg=2.0,
-                                      positive=positive, negative=negative)
-    sync()
-    return latent, time.perf_counter() - start
+    for _ in range(2):
+        with torch.inference_mode():
+            latent = comfy_runtime.sample(model, family, steps=4, seed=3, size=spec.latent_side, cfg=2.0,
+                                          positive=positive, negative=negative)
+    return latent, clock.seconds
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -337,7 +344,8 @@ def check_family(out: dict, family: str, spec: Spec, steps: int, folder: Path, b
 
     def setup() -> dict:
         load = model_loader(family, spec, folder)
-        models.update(load=load, dynamic=load(), plain=load(disable_dynamic=True))
+        with torch.inference_mode():   # as ComfyUI runs a loader node
+            models.update(load=load, dynamic=load(), plain=load(disable_dynamic=True))
         return {"dynamic_patcher": is_dynamic(models["dynamic"]),
                 "params": sum(p.numel() for p in models["plain"].model.diffusion_model.parameters())}
 
@@ -451,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny on a CPU")
-    budget = Budget(args.budget_s)
+    budget = Budget(args.budget_s, first_estimate_s=0.0 if args.tiny else FIRST_ESTIMATE_S)
     comfy_runtime.bootstrap(cpu=args.tiny)
     import comfy.model_management as mm
 

@@ -124,10 +124,12 @@ class SamplerClock:
 
 
 class Budget:
-    """The time guard: a section runs only if its estimate fits in what is left."""
+    """The time guard: a section runs only if its estimate fits in what is left (the estimate: its
+    time on the previous family, ``first_estimate_s`` before one has run it)."""
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(self, limit_s: float, first_estimate_s: float = 0.0) -> None:
         self.limit_s, self.start = limit_s, time.perf_counter()
+        self.first_estimate_s = first_estimate_s
         self.taken: dict[str, float] = {}   # section -> seconds, last family that ran it
         self.skipped: list[str] = []
 
@@ -136,10 +138,12 @@ class Budget:
 
     def run(self, record: dict, family: str, name: str, fn) -> dict | None:
         """``record[name] = fn()`` with its status, or a skip note; a failure is recorded, not raised."""
-        estimate, left = self.taken.get(name, 0.0), self.left()
+        estimate, left = self.taken.get(name, self.first_estimate_s), self.left()
         if left <= 0 or estimate > left:
+            why = f"this section took {estimate:.0f} s on the previous family" if name in self.taken else \
+                f"a first section is given {estimate:.0f} s"
             note = f"skipped: the {self.limit_s:.0f} s budget has {max(left, 0):.0f} s left" + \
-                (f", this section took {estimate:.0f} s on the previous family" if estimate else "")
+                (f", {why}" if estimate else "")
             record[name] = {"status": "skipped", "note": note}
             self.skipped.append(f"{family}.{name}")
             return None

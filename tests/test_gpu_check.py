@@ -114,6 +114,10 @@ def test_gpu_check_budget_guard_skips_what_does_not_fit(comfy, tmp_path, capsys)
     assert record["quick"]["status"] == "ran" and budget.taken["quick"] == record["quick"]["seconds"]
     assert budget.run(record, "flux", "broken", lambda: 1 / 0)["status"] == "failed"
     assert record["broken"]["error"].startswith("ZeroDivisionError") and budget.skipped == ["flux.slow"]
+    # The first family's sections have no previous time: a GPU run gives each a floor estimate.
+    guarded = script.Budget(30.0, first_estimate_s=60.0)
+    assert guarded.run(record, "sdxl", "train", lambda: pytest.fail("must not run")) is None
+    assert "a first section is given 60 s" in record["train"]["note"] and guarded.skipped == ["sdxl.train"]
 
     out = tmp_path / "none.json"
     report = script.main(["--tiny", "--family", "sdxl", "--budget-s", "0", "--out", str(out)])
