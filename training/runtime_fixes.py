@@ -4,7 +4,10 @@ Most comfy_kitchen kernels without an autograd formula are bypassed by ComfyUI i
 ``comfy.model_management.in_training`` is set (:data:`training.prepare.TRAINING_FLAGS`). A few are
 called unconditionally; a family whose model calls one names a fix here, and for the duration of a
 T-LoRA run the op is replaced by comfy_kitchen's own pure-torch implementation of it (the same
-signature and result, differentiable), then put back on every exit (done, Cancel, error). The ops
+signature and computation, differentiable), then put back on every exit (done, Cancel, error). On a
+CPU ComfyUI's call already runs that pure-torch code, so training and sampling agree exactly there;
+on a GPU the fused kernel samples and the torch ops train, which agree up to rounding (the torch
+version rounds the normalised q / k to the compute dtype before the rotation): not yet measured. The ops
 are found by attribute, never by ComfyUI version; where one cannot be swapped the run is refused
 before training starts, saying what to do.
 

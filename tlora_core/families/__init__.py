@@ -36,6 +36,10 @@ def _discover() -> dict[str, Family]:
         if isinstance(family, Family):
             if family.id in found:
                 raise RuntimeError(f"two family files declare the id {family.id!r}")
+            formats = {f.reference_files.format for f in found.values() if f.reference_files}
+            if family.reference_files and family.reference_files.format in formats:
+                raise RuntimeError(f"two family files declare the reference file format "
+                                   f"{family.reference_files.format!r}")
             found[family.id] = family
     return dict(sorted(found.items(), key=lambda item: (item[1].position, item[0])))
 

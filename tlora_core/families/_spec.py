@@ -44,6 +44,12 @@ def leading_qkv(out_features: int, in_features: int) -> list:
     return [(i * in_features, (i + 1) * in_features) for i in range(3)]
 
 
+def no_foreign_names(inventory: Inventory) -> Mapping[str, Target]:
+    """``Family.foreign_names`` of a family whose LoRA files use ComfyUI's module paths (kohya's
+    ``lora_unet_`` spelling of them is read by flattening): nothing to map."""
+    return {}
+
+
 def after_qkv(out_features: int, in_features: int) -> list:
     """The MLP rows after q|k|v of such a fused Linear."""
     return [(3 * in_features, out_features)]

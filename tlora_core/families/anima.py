@@ -23,20 +23,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..inventory import Inventory, Target
-from ._spec import Family, Layers, Recipe
+from ..inventory import Inventory
+from ._spec import Family, Layers, Recipe, no_foreign_names
 
 _BLOCK = r"^blocks\.\d+\."
 
 
 def _is_anima(inventory: Inventory) -> bool:
     return "llm_adapter.blocks.0.cross_attn.q_proj" in inventory and "blocks.0.mlp.layer1" in inventory
-
-
-def _no_foreign_names(inventory: Inventory) -> Mapping[str, Target]:
-    # Anima LoRAs are written with ComfyUI's module paths (diffusion_model. / lora_unet_); there is
-    # no diffusers spelling of this model, and ComfyUI maps none.
-    return {}
 
 
 def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -69,7 +63,8 @@ FAMILY = Family(
         runtime_fixes=("eager_rms_rope_split_half",)),
     # No published modelspec id for Anima LoRAs is known to the pack: its own spelling.
     file_labels={"modelspec.architecture": "anima/lora", "ss_base_model_version": "anima"},
-    foreign_names=_no_foreign_names,
+    # Anima LoRAs use ComfyUI's module paths: no diffusers spelling of this model exists.
+    foreign_names=no_foreign_names,
     conditioning_widths=_conditioning_widths,
     checkpoint_blocks=("Block",),
     # Anima as ComfyUI's model detection gives it (Cosmos-Predict2 2B: model_channels 2048,

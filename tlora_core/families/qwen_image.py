@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..inventory import Inventory, Target
-from ._spec import Family, Layers, Recipe
+from ..inventory import Inventory
+from ._spec import Family, Layers, Recipe, no_foreign_names
 
 _BLOCK = r"^transformer_blocks\.\d+\."
 # QwenImageTransformer2DModel's default text width (Qwen2.5-VL 7B hidden states); ComfyUI's model
@@ -38,12 +38,6 @@ def _before_last_block(path: str, inventory: Inventory) -> bool:
 def _is_qwen_image(inventory: Inventory) -> bool:
     return "transformer_blocks.0.attn.add_q_proj" in inventory and \
         "transformer_blocks.0.img_mlp.net.0.proj" in inventory and "txt_in" in inventory
-
-
-def _no_foreign_names(inventory: Inventory) -> Mapping[str, Target]:
-    # ComfyUI's module paths are diffusers' names already (and kohya's lora_unet_ spelling of them
-    # is read by flattening): nothing to map.
-    return {}
 
 
 def _conditioning_widths(unet_config: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -77,7 +71,8 @@ FAMILY = Family(
             "adapter parameters at rank 16; CFG stays real at sampling (no distilled guidance)."),
     # No published modelspec id for Qwen-Image LoRAs is known to the pack: its own spelling.
     file_labels={"modelspec.architecture": "qwen-image/lora", "ss_base_model_version": "qwen_image"},
-    foreign_names=_no_foreign_names,
+    # ComfyUI's module paths are diffusers' names already.
+    foreign_names=no_foreign_names,
     conditioning_widths=_conditioning_widths,
     checkpoint_blocks=("QwenImageTransformerBlock",),
     # Qwen-Image (20B; Qwen-Image-Edit / 2509 / 2511 share it) as ComfyUI's model detection gives
