@@ -101,6 +101,25 @@ def test_save_every_checkpoints_resume_exactly_like_an_uninterrupted_run(loras_d
                  resume_from="a_step00002.safetensors")
 
 
+def test_resuming_with_another_seed_or_batch_size_is_warned_about(loras_dir, caplog):
+    import logging
+
+    from comfyui_tlora.training.state import load_state
+
+    model, latents, positive = th.node_inputs("sdxl", images=2)
+    run_node(model, latents, positive, steps=2, file_name="a", seed=3)
+    assert load_state(loras_dir / "a.tlora-state").draws == {"seed": 3, "batch_size": 1}
+    with caplog.at_level(logging.WARNING):
+        run_node(model, latents, positive, steps=3, file_name="same", seed=3, resume_from="a.safetensors")
+    assert "tlora_state.draws" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        run_node(model, latents, positive, steps=3, file_name="other", seed=4, batch_size=2,
+                 resume_from="a.safetensors")
+    warned = [r.getMessage() for r in caplog.records if "tlora_state.draws" in r.getMessage()]
+    assert len(warned) == 2 and "a.safetensors" in warned[0]
+    assert "batch_size = 2" in warned[0] and "seed = 4" in warned[1] and "has 3" in warned[1]
+
+
 def _bad_cases():
     def latents_of(channels):
         return lambda f, lat, pos: ({"samples": torch.zeros(1, channels, 8, 8)}, pos, None, {})

@@ -105,6 +105,10 @@ def prepare_job(model, latents, positive, mask, config: TrainConfig, file_name: 
                                            "rank": config.rank, "scope": config.scope},
                                   [adapter_key(t) for t in targets], config.steps,
                                   config.resume_options())
+        for difference in state_io.draw_differences(resume, config.draws()):
+            log.warning("T-LoRA Train: resuming %s with %s: the run goes on, but its images, noise "
+                        "and noise levels are no longer the ones an uninterrupted run would draw",
+                        resume_path.name, difference)
     path = lora_folder.output_path(file_name, resume_path)
     return TrainJob(samples, weights, positive, family, path, resume,
                     inventory_from_module(base.diffusion_model))

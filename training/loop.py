@@ -100,6 +100,11 @@ class TrainConfig:
         return optim.resume_options(self.optimizer, self.lr_schedule, self.warmup_steps, self.steps,
                                     self.timestep_sampling, self.logit_mean, self.logit_std)
 
+    def draws(self) -> dict:
+        """What each step's random draws depend on besides the step (:func:`step_generator`,
+        :func:`sample_indices`): a state records it (``training.state.draw_differences``)."""
+        return {"seed": self.seed, "batch_size": self.batch_size}
+
 
 @dataclass
 class TrainResult:
@@ -148,6 +153,7 @@ def _capture(step: int, losses: list[float], identity: dict, adapters: AdapterSe
     state = state_io.capture(step, losses, identity, adapters, optimizer)
     state.options = config.resume_options()
     state.optimizer_groups = optim.group_state(config.optimizer, optimizer)
+    state.draws = config.draws()
     return state
 
 

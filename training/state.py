@@ -50,6 +50,9 @@ class TrainingState:
     # training.optim.resume_options / training.optim.group_state
     options: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_OPTIONS))
     optimizer_groups: list[dict] = dataclasses.field(default_factory=list)
+    # What the step's random draws depend on (seed, batch_size): a resumed run with others
+    # continues, but not as the uninterrupted run would (:func:`draw_differences`). {} = unknown.
+    draws: dict = dataclasses.field(default_factory=dict)
 
 
 def capture(step: int, losses: list[float], identity: dict, adapters, optimizer) -> TrainingState:
@@ -80,6 +83,8 @@ def save_state(path: str | os.PathLike, state: TrainingState) -> Path:
                 "tlora_state.options": json.dumps(state.options, sort_keys=True)}
     if state.optimizer_groups:
         metadata["tlora_state.optimizer_groups"] = json.dumps(state.optimizer_groups)
+    if state.draws:
+        metadata["tlora_state.draws"] = json.dumps(state.draws, sort_keys=True)
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -100,9 +105,11 @@ def load_state(path: str | os.PathLike) -> TrainingState:
                 (adapter if kind == "adapter" else opt)[rest] = f.get_tensor(key)
         options = json.loads(meta.get("tlora_state.options", json.dumps(DEFAULT_OPTIONS)))
         groups = json.loads(meta.get("tlora_state.optimizer_groups", "[]"))
+        draws = json.loads(meta.get("tlora_state.draws", "{}"))
         return TrainingState(int(meta["tlora_state.step"]), json.loads(meta["tlora_state.losses"]),
                              json.loads(meta["tlora_state.identity"]),
-                             json.loads(meta["tlora_state.adapter_keys"]), adapter, opt, options, groups)
+                             json.loads(meta["tlora_state.adapter_keys"]), adapter, opt, options, groups,
+                             draws)
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"'{path.name}' is not a usable T-LoRA training state ({err})") from err
 
@@ -147,6 +154,13 @@ def _check_options(saved: dict, ours: dict) -> None:
                          f"schedule_steps), this run has steps = {ours.get('schedule_steps')}: set steps "
                          f"to {saved.get('schedule_steps')} to resume it (a cosine schedule cannot be "
                          "stretched)")
+
+
+def draw_differences(state: TrainingState, draws: dict) -> list[str]:
+    """What differs between the state's draws and this run's (``{"seed": ..., "batch_size": ...}``),
+    one phrase each naming the metadata key; [] when nothing does or the state does not say."""
+    return [f"{key} = {draws.get(key)!r} (the state, metadata tlora_state.draws, has {value!r})"
+            for key, value in sorted(state.draws.items()) if draws.get(key) != value]
 
 
 def restore(state: TrainingState, adapters, optimizer) -> None:
