@@ -16,7 +16,7 @@ spelling:
 (b) ComfyUI's stock loader reads the renamed file with no "lora key not loaded" and gives the
     same model calls (so the renaming agrees with ComfyUI's own key map);
 (c) a key with no SD3 module is named, with the file, in the warning; a file of only such keys
-    is refused with an error naming both (and "FLUX or SD3" as what it looks made for);
+    is refused with an error naming both (and "FLUX, SD3 or Qwen-Image" as what it looks made for);
 (d) a LyCORIS ``tlora`` file, flattened diffusers names, lands on the same rows and rebuilds its
     frozen factors from those rows of the base weight.
 """
@@ -182,9 +182,9 @@ def test_unknown_sd3_diffusers_key_is_named_with_the_file(comfy, pack, core, lor
                in r.getMessage() for r in caplog.records)
 
     save_file(unknown, str(loras_dir / "unknown.safetensors"))
-    # diffusers' joint-block names alone do not say FLUX or SD3; the message says so
+    # diffusers' joint-block names alone do not say FLUX, SD3 or Qwen-Image; the message says so
     with pytest.raises(errors.TLoRAFileError, match=r"^unknown\.safetensors: none of its layers.*made for "
-                       r"FLUX or SD3.*model is SD3.*transformer\.transformer_blocks\.0\.attn\.to_qq"):
+                       r"FLUX, SD3 or Qwen-Image.*model is SD3.*transformer\.transformer_blocks\.0\.attn\.to_qq"):
         loader.TLoRALoader.execute(base, "unknown.safetensors", 1.0, -1, 0.0, False)
 
 
