@@ -125,8 +125,8 @@ def loss_weights(mask: torch.Tensor | None, samples: torch.Tensor, downscale: in
     latents, (N, 1, 1, h, w) for 5-D ones (:func:`latent_weight_shape`), broadcastable on them.
 
     The mask must have the image's size (latent size x ``downscale``, the family's
-    ``latent_downscale``) or the latent's size, and
-    one mask for all images or one per image. Resized by area averaging (soft edges stay soft).
+    ``latent_downscale``) or the latent's size, and one mask for all images or one per image.
+    Resized by area averaging (soft edges stay soft).
     """
     if mask is None:
         return None
