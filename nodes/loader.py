@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from ..tlora_core import families
 from ..tlora_core.files.check import TLoRAFileError
 from ..tlora_core.files.read import load_tlora_file
-from ..tlora_core.inventory import inventory_from_module
+from ..tlora_core.inventory import inventory_from_module, linear_modules
 from ..tlora_core.schedule import AUTO_MIN_RANK, AUTO_MIN_RANK_TEXT, default_min_rank
 from ..tlora_core.weights import TLoRAWeights
 from ..training.timesteps import model_rule
@@ -58,10 +58,9 @@ def base_weights(patcher) -> dict[str, torch.Tensor]:
     """``{module path: weight}`` of the diffusion model's Linears as loaded, without patches that
     ComfyUI may have merged into them in place (LyCORIS files rebuild factors from these)."""
     out = {}
-    for name, module in patcher.model.diffusion_model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            backup = patcher.backup.get(f"diffusion_model.{name}.weight")
-            out[name] = backup.weight if backup is not None else module.weight
+    for name, module in linear_modules(patcher.model.diffusion_model).items():
+        backup = patcher.backup.get(f"diffusion_model.{name}.weight")
+        out[name] = backup.weight if backup is not None else module.weight
     return out
 
 

@@ -27,6 +27,7 @@ import comfy.patcher_extension
 import torch
 
 from ..tlora_core.apply import attach, detach
+from ..tlora_core.inventory import UnsupportedLayer, linear_shape
 from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
 from ..training.timesteps import model_rule, schedule_timesteps
@@ -46,11 +47,15 @@ def check_targets(diffusion_model: torch.nn.Module, weights: TLoRAWeights) -> di
         except AttributeError:
             problems.append(f"{name}: no such module")
             continue
-        weight = getattr(module, "weight", None)
-        if weight is None or weight.ndim != 2:
-            problems.append(f"{name}: not a Linear layer")
+        try:
+            shape = linear_shape(module)
+        except UnsupportedLayer as err:
+            problems.append(f"{name}: {err}")
             continue
-        out_features, in_features = weight.shape
+        if shape is None:
+            problems.append(f"{name}: not a Linear layer ({type(module).__name__})")
+            continue
+        out_features, in_features = shape
         for adapter in group:
             start, stop = adapter.out_rows or (0, adapter.up.shape[0])
             if adapter.in_features != in_features or stop > out_features or (
