@@ -104,6 +104,13 @@ def _inputs() -> list:
             "background is not learnt (the reference FLUX recipe). Image or latent size.")),
         *_optimizer_inputs(),
         *_validation_inputs(),
+        io.Float.Input("max_vram_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True, tooltip=(
+            "Most GPU memory this run may use, weights and training together, in GB. 0 = automatic: "
+            "ComfyUI keeps as many weights on the GPU as fit beside the run's working set and streams "
+            "the rest from system RAM in every step (so a model bigger than the GPU trains, slower). "
+            "Set it to leave room for other programs, or to stream more. The log says what is resident "
+            "and what streams; a run whose working set alone does not fit is refused before it starts. "
+            "The trained T-LoRA is the same either way.")),
     ]
 
 
@@ -231,7 +238,7 @@ class TLoRATrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, positive, variant, rank, min_rank, schedule_power, steps,
                 learning_rate, batch_size, seed, target_layers, training_dtype, gradient_checkpointing,
-                save_every, file_name, resume_from, mask=None, optimizer="AdamW", lr_schedule="constant",
+                save_every, file_name, resume_from, max_vram_gb=0.0, mask=None, optimizer="AdamW", lr_schedule="constant",
                 warmup_steps=0, timestep_sampling="uniform", logit_mean=0.0, logit_std=1.0, validation_every=0,
                 validation_positive=None, validation_negative=None, validation_vae=None,
                 validation_steps=20, validation_cfg=5.0, validation_seed=0, validation_width=0,
@@ -244,7 +251,7 @@ class TLoRATrain(io.ComfyNode):
             training_dtype=training_dtype, gradient_checkpointing=gradient_checkpointing,
             save_every=save_every, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, timestep_sampling=timestep_sampling, logit_mean=logit_mean,
-            logit_std=logit_std)
+            logit_std=logit_std, max_vram_gb=max_vram_gb)
         settings = validation.ValidationSettings(
             every=int(validation_every or 0), positive=validation_positive, negative=validation_negative,
             steps=int(validation_steps), cfg=float(validation_cfg), seed=int(validation_seed),

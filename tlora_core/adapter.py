@@ -86,13 +86,22 @@ class LowRankAdapter:
         return (self.schedule, self.rank_index.data_ptr(), self.columns)
 
     def tensors_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(down, up, rank_index) on ``device``; copies are cached so offloaded models move once."""
-        if self.down.device == device:
+        """(down, up, rank_index) on ``device``; copies are cached so offloaded models move once.
+
+        Outside inference mode, tensors made under it (a Loader node reads files under ComfyUI's
+        ``torch.inference_mode()``) come as ordinary copies, made once: a T-LoRA Train run on a
+        MODEL that carries this adapter records it in autograd, which cannot save inference tensors
+        for backward.
+        """
+        ordinary = self.down.is_inference() and not torch.is_inference_mode_enabled()
+        if self.down.device == device and not ordinary:
             return self.down, self.up, self.rank_index
-        key = str(device)
+        key = (str(device), ordinary)
         if key not in self._device_copies:
-            self._device_copies[key] = (self.down.to(device), self.up.to(device),
-                                        self.rank_index.to(device))
+            copies = (self.down.to(device), self.up.to(device), self.rank_index.to(device))
+            if ordinary:
+                copies = tuple(t.clone() if t.is_inference() else t for t in copies)
+            self._device_copies[key] = copies
         return self._device_copies[key]
 
     def release_device_copies(self) -> None:

@@ -47,7 +47,7 @@ def resolve_config(family: Family, *, variant: str, rank: int, min_rank: int, sc
                    training_dtype: str, gradient_checkpointing: bool, save_every: int,
                    optimizer: str = "AdamW", lr_schedule: str = "constant", warmup_steps: int = 0,
                    timestep_sampling: str = "uniform", logit_mean: float = 0.0,
-                   logit_std: float = 1.0) -> TrainConfig:
+                   logit_std: float = 1.0, max_vram_gb: float = 0.0) -> TrainConfig:
     """The node's inputs with the family's recipe defaults filled in (not yet validated)."""
     if variant not in VARIANT_CHOICES:
         raise ValueError(f"unknown variant {variant!r} (choices: {', '.join(VARIANT_CHOICES)})")
@@ -64,7 +64,8 @@ def resolve_config(family: Family, *, variant: str, rank: int, min_rank: int, sc
                        gradient_checkpointing=bool(gradient_checkpointing) or recipe.needs_checkpointing,
                        save_every=int(save_every), optimizer=optimizer, lr_schedule=lr_schedule,
                        warmup_steps=int(warmup_steps), timestep_sampling=timestep_sampling,
-                       logit_mean=float(logit_mean), logit_std=float(logit_std))
+                       logit_mean=float(logit_mean), logit_std=float(logit_std),
+                       max_vram_gb=float(max_vram_gb))
 
 
 @dataclass

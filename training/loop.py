@@ -42,6 +42,7 @@ from .targets import find_targets
 
 log = logging.getLogger(__name__)
 
+GIB = 2 ** 30
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -75,6 +76,7 @@ class TrainConfig:
     timestep_sampling: str = "uniform"   # training.timesteps.TIMESTEP_SAMPLINGS (flow families)
     logit_mean: float = 0.0         # used by the logit-normal samplings
     logit_std: float = 1.0
+    max_vram_gb: float = 0.0        # cap on device memory, weights + working set; 0 = automatic
 
     def schedule(self) -> RankSchedule | None:
         if self.variant not in MASKED_VARIANTS:
@@ -84,6 +86,7 @@ class TrainConfig:
     def as_json(self, **extra) -> str:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d.pop("max_vram_gb")   # where weights lived, not what was trained: streamed == full load
         if self.variant not in MASKED_VARIANTS:
             d.pop("min_rank")
             d.pop("schedule_power")
@@ -234,7 +237,8 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
     need = adapter_memory(targets, config.variant, config.rank, optim.STATE_COPIES[config.optimizer])
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-            memory_required=need["state_bytes"] + need["step_factor_bytes"]) as tp:
+            memory_required=need["state_bytes"] + need["step_factor_bytes"],
+            max_vram_bytes=int(config.max_vram_gb * GIB)) as tp:
         device = tp.load_device
         adapters = AdapterSet(targets, config.variant, config.rank, config.seed, config.ortho_mode).to(device)
         optimizer = _optimizer(adapters, config, device)

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from ..tlora_core.files.atomic import atomic_write
 from . import inputs, lora_folder, report
+from .prepare import reload
 
 SAMPLERS = comfy.samplers.KSampler.SAMPLERS
 SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
@@ -170,7 +171,9 @@ class Validator:
         sampling = patcher.clone()
         self.install(sampling, weights, 1.0)
         try:
-            with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+            # Under inference mode, as ComfyUI's sampler nodes run: loaded outside it, ComfyUI's
+            # quantized layers would swap the MODEL's weights for non-inference clones.
+            with torch.random.fork_rng(devices=_rng_devices()), torch.inference_mode():
                 latent = torch.zeros(self.shape)
                 noise = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
                 # No negative: the positive stands in, and CFG 1 skips the identical second pass.
@@ -181,8 +184,7 @@ class Validator:
                 image = to_image(s, latent_format, out)
         finally:
             # ComfyUI's loader swapped the sampling clone in: put the training clone back.
-            comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-            patcher.pre_run()
+            reload(patcher)
             del sampling
         atomic_write(png_path(self.output, step), lambda tmp: image.save(tmp, format="PNG"))
         self.thumbnails.append((step, _thumbnail(image)))
