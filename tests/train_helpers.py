@@ -93,3 +93,10 @@ def assert_restored(before: dict, model) -> None:
         assert torch.equal(tensor, after["tensors"][key]), f"{key} changed"
     for key in ("objects", "requires_grad", "hooks", "functions", "forwards", "manual_cast"):
         assert before[key] == after[key], f"{key} not restored"
+
+
+def family_id(patcher) -> str:
+    """The pack's family id of ``patcher``'s model."""
+    from comfyui_tlora.training.inputs import family_of
+
+    return family_of(patcher.model).id

@@ -217,6 +217,12 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
     return value
 
 
+def working_set_bytes(targets, config: TrainConfig) -> int:
+    """What a run needs on the device beside the base weights (``LoadPlan.memory_required``)."""
+    need = adapter_memory(targets, config.variant, config.rank, optim.STATE_COPIES[config.optimizer])
+    return need["state_bytes"] + need["step_factor_bytes"]
+
+
 def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.TrainingState | None = None,
           on_step: StepCallback | None = None, on_save: SaveCallback | None = None,
           on_final: SaveCallback | None = None, on_validate: ValidateCallback | None = None,
@@ -234,10 +240,9 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         log.info("T-LoRA Train: gradient checkpointing forced on (%s blocks update in place)",
                  family.label)
     targets = find_targets(dm, family, config.scope)
-    need = adapter_memory(targets, config.variant, config.rank, optim.STATE_COPIES[config.optimizer])
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-            memory_required=need["state_bytes"] + need["step_factor_bytes"],
+            memory_required=working_set_bytes(targets, config),
             max_vram_bytes=int(config.max_vram_gb * GIB)) as tp:
         device = tp.load_device
         adapters = AdapterSet(targets, config.variant, config.rank, config.seed, config.ortho_mode).to(device)

@@ -1,0 +1,180 @@
+"""Training a model bigger than the device: ComfyUI's partial loading, streamed layers, the cap.
+
+On a CPU, ComfyUI's ``load_models_gpu`` always loads fully; ``max_vram_gb`` makes the trainer trim
+the load with ComfyUI's own ``partially_unload`` (its own choice of layers: the smallest stream),
+so these tests run the same code path a user's capped GPU run does. What they check: the streamed
+run trains exactly what a full load trains; a streamed layer's cast landing in buffers ComfyUI
+reuses (its non-cudaMallocAsync path, simulated here) gives wrong gradients without the private
+copy and exact ones with it; a validation sample in the middle of a streamed run changes nothing
+and the run keeps streaming after it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import train_helpers as th
+
+pytestmark = pytest.mark.comfy
+
+GIB = 2 ** 30
+FAMILIES = ("sdxl", "flux", "qwen_image")
+SETTINGS = dict(variant="tlora", rank=4, min_rank=2, steps=3, seed=0, learning_rate=1e-2,
+                gradient_checkpointing=True)
+
+
+@pytest.fixture(autouse=True)
+def _runtime(comfy):
+    """Every test here needs the bootstrapped ComfyUI."""
+
+
+def _modules():
+    from comfyui_tlora.training import loop, prepare, targets
+
+    return loop, prepare, targets
+
+
+def _half_the_weights_cap(model, config) -> float:
+    """A max_vram_gb that leaves room for the working set and about 40% of the weights."""
+    import comfy.model_management
+
+    loop, _, targets = _modules()
+    found = targets.find_targets(model.model.diffusion_model, th.family_id(model), config.scope)
+    weights = sum(comfy.model_management.module_size(m) for m in model.model.diffusion_model.modules()
+                  if hasattr(m, "weight_function") and isinstance(getattr(m, "weight", None), torch.Tensor))
+    return (loop.working_set_bytes(found, config) + 0.4 * weights) / GIB
+
+
+@pytest.fixture
+def residencies(monkeypatch):
+    """Every load the trainer makes: (Residency, streamed target layers, target layers)."""
+    _, prepare, targets = _modules()
+    seen = []
+    real_load = prepare.LoadPlan.load
+
+    def load(plan, patcher):
+        where = real_load(plan, patcher)
+        dm = patcher.model.diffusion_model
+        found = targets.find_targets(dm, th.family_id(patcher))
+        modules = {t.module for t in found}
+        streamed = sum(prepare.streams(dm.get_submodule(name)) for name in modules)
+        seen.append((where, streamed, len(modules)))
+        return where
+
+    monkeypatch.setattr(prepare.LoadPlan, "load", load)
+    return seen
+
+
+def _train(family, **overrides):
+    model, latents, positive = th.node_inputs(family)
+    loop, _, _ = _modules()
+    config = {**SETTINGS, **overrides}
+    if config.pop("stream", False):
+        config["max_vram_gb"] = _half_the_weights_cap(model, loop.TrainConfig(**config))
+    before = th.snapshot(model)
+    result = th.train(model, latents, positive, **config)
+    th.assert_restored(before, model)
+    return result
+
+
+def _adapters(result) -> dict[str, torch.Tensor]:
+    return {f"{name}.{i}.{part}": getattr(a, part) for name, group in result.weights.adapters.items()
+            for i, a in enumerate(group) for part in ("down", "up")}
+
+
+def _assert_equal_adapters(a, b) -> None:
+    a, b = _adapters(a), _adapters(b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_streamed_run_trains_exactly_what_a_full_load_trains(family, residencies):
+    full = _train(family)
+    assert residencies[-1][0].streamed_layers == 0
+    streamed = _train(family, stream=True)
+    where, streamed_targets, targets = residencies[-1]
+    assert where.streamed_layers > 0 and streamed_targets >= targets / 2, residencies[-1]
+    assert streamed.losses == full.losses
+    _assert_equal_adapters(streamed, full)
+
+
+def test_streaming_turns_gradient_checkpointing_on(residencies, caplog):
+    caplog.set_level("INFO")
+    _train("sdxl", stream=True, gradient_checkpointing=False)
+    assert residencies[-1][0].streamed_layers > 0
+    assert "gradient checkpointing on while weights stream" in caplog.text
+    assert "streamed per forward" in caplog.text
+
+
+def test_a_cap_below_the_working_set_is_refused_before_loading(monkeypatch):
+    import comfy.model_management
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("loaded a model for a run that cannot fit")
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", no_load)
+    with pytest.raises(RuntimeError, match="working set alone .* is more than max_vram_gb"):
+        _train("sdxl", max_vram_gb=1e-9)
+
+
+@pytest.fixture
+def reused_cast_buffers(monkeypatch):
+    """ComfyUI's cast of a streamed layer lands in one of two buffers used in turn, as its
+    per-stream cast buffers do without cudaMallocAsync (AMD, --disable-cuda-malloc): each cast
+    overwrites the one of two layers before. Resident layers keep their fresh copies."""
+    import comfy.model_management
+
+    _, prepare, _ = _modules()
+    real_cast_to = comfy.model_management.cast_to
+    buffers: dict[torch.dtype, list[torch.Tensor]] = {}
+    owners: dict[int, torch.nn.Module] = {}
+    turn = [0]
+
+    def cast_to(weight, *args, **kwargs):
+        out = real_cast_to(weight, *args, **kwargs)
+        owner = owners.get(id(weight))
+        if owner is None or not prepare.streams(owner):
+            return out
+        pair = buffers.setdefault(out.dtype, [torch.empty(1 << 16, dtype=out.dtype) for _ in range(2)])
+        view = pair[turn[0] % 2][:out.numel()].view(out.shape)
+        turn[0] += 1
+        view.copy_(out)
+        return view
+
+    def register(model) -> None:
+        for module in model.model.diffusion_model.modules():
+            if isinstance(getattr(module, "weight", None), torch.Tensor):
+                owners[id(module.weight)] = module
+
+    monkeypatch.setattr(comfy.model_management, "cast_to", cast_to)
+    return register, turn
+
+
+@pytest.mark.parametrize("family", ("sdxl", "flux"))
+def test_reused_cast_buffers_need_the_private_copy(family, reused_cast_buffers, monkeypatch):
+    register, turn = reused_cast_buffers
+    _, prepare, _ = _modules()
+    full = _train(family)
+    model, latents, positive = th.node_inputs(family)
+    register(model)
+    loop, _, _ = _modules()
+    cap = _half_the_weights_cap(model, loop.TrainConfig(**SETTINGS))
+    protected = th.train(model, latents, positive, max_vram_gb=cap, **SETTINGS)
+    assert turn[0] > 0, "no streamed cast went through the reused buffers"
+    _assert_equal_adapters(protected, full)
+
+    # The same run with the private copy of streamed casts switched off: autograd keeps views of
+    # the reused buffers, and backward would replay earlier layers with later layers' weights.
+    # Autograd notices where the overwritten view's version counter is checked ("modified by an
+    # inplace operation"); where it is not (a checkpoint's recomputed tensors), the result is wrong.
+    monkeypatch.setattr(prepare.BackwardSafe, "__call__",
+                        lambda self, tensor: tensor.clone() if tensor.is_inference() else tensor)
+    try:
+        unprotected = th.train(model, latents, positive, max_vram_gb=cap, **SETTINGS)
+    except RuntimeError as err:
+        assert "modified by an inplace operation" in str(err)
+    else:
+        a, b = _adapters(unprotected), _adapters(full)
+        assert any(not torch.equal(a[k], b[k]) for k in a), "the reused buffers did not corrupt gradients"
