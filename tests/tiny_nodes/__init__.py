@@ -159,8 +159,24 @@ class TinyTextEncode(io.ComfyNode):
         return io.NodeOutput(comfy_runtime.fake_conditioning(clip.family, seed=_text_seed(text)))
 
 
+class ZeroLatentAfter(io.ComfyNode):
+    """An all-zero latent (what the empty-latent nodes give) shaped like ``after``: a sampler fed
+    with it starts from the empty latent but runs only once ``after`` exists (ordering in tests)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRATestZeroLatentAfter", display_name="Zero latent after (tests)",
+            category=CATEGORY, inputs=[io.Latent.Input("after", tooltip="any latent; only its shape is used")],
+            outputs=[io.Latent.Output(tooltip="zeros of that shape")])
+
+    @classmethod
+    def execute(cls, after: dict) -> io.NodeOutput:
+        return io.NodeOutput({"samples": torch.zeros_like(after["samples"])})
+
+
 NODES: list[type[io.ComfyNode]] = [TinyCheckpointLoader, TinyModelLoader, TinyClipLoader, TinyVaeLoader,
-                                   TinyTextEncode]
+                                   TinyTextEncode, ZeroLatentAfter]
 
 
 class TinyNodesExtension(ComfyExtension):
