@@ -73,7 +73,8 @@ def load_for_model(patcher, lora_name: str, min_rank: int = AUTO_MIN_RANK, sched
                    rank_refactor: bool = False) -> TLoRAWeights:
     """Read ``lora_name`` for ``patcher``'s model with the node's min_rank / power conventions
     (``AUTO_MIN_RANK`` / 0 = from the file). Raises ValueError / FileNotFoundError with a message
-    for the UI."""
+    for the UI: whatever fails while the file is read is a TLoRAFileError naming the file (an
+    unexpected exception's traceback goes to the log), never a bare exception of the readers."""
     if min_rank != AUTO_MIN_RANK and min_rank < 1:
         raise ValueError(f"min_rank must be {AUTO_MIN_RANK} (automatic) or a rank >= 1, got {min_rank}")
     if schedule_power < 0:
@@ -90,6 +91,12 @@ def load_for_model(patcher, lora_name: str, min_rank: int = AUTO_MIN_RANK, sched
         raise
     except (OSError, ValueError) as err:
         raise TLoRAFileError(f"{lora_name}: {err}") from err
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise                                   # the machine's limit, not the file's fault
+    except Exception as err:
+        log.error("%s: unexpected error while reading it for the model", lora_name, exc_info=err)
+        raise TLoRAFileError(f"{lora_name}: cannot be read for this model ({type(err).__name__}: "
+                             f"{err}); the log has the details for a bug report.") from err
     ranks = schedule_ranks(weights)
     if min_rank > 0 and ranks and min_rank > max(ranks):
         raise TLoRAFileError(

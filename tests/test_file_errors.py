@@ -9,11 +9,13 @@ import logging
 import pytest
 import torch
 from file_format_helpers import FLUX_INV, SDXL_INV, make_weights, read_raw, rewrite
+from safetensors.torch import save_file
 
 import tlora_core.adapter
 import tlora_core.schedule
 import tlora_core.weights
-from tlora_core.files.check import TLoRAFileError, detect_architecture, guess_file_architecture
+from tlora_core.files.check import TLoRAFileError, detect_architecture
+from tlora_core.files.describe import guess_file_architecture
 from tlora_core.files.foreign import detect_format
 from tlora_core.files.read import load_tlora_file
 from tlora_core.files.write import save_tlora
@@ -169,11 +171,171 @@ def test_incomplete_pair_and_edited_off_block_weights_are_refused(flux_file, sdx
     expect_error(sdxl_file, SDXL_INV, "has no '.lora_up.weight' tensor")
 
 
-def test_edited_alpha_is_applied_like_a_stock_loader_would(sdxl_file):
-    before = load_tlora_file(sdxl_file, SDXL_INV).adapters["label_emb.0.0"][0].up
+def test_edited_alpha_is_applied_like_a_stock_loader_would_and_warned_about(sdxl_file):
+    before = load_tlora_file(sdxl_file, SDXL_INV)
+    assert before.warnings == []
     rewrite(sdxl_file, tensors={"lora_unet_label_emb_0_0.alpha": torch.tensor(4.0)})   # k = 8
-    after = load_tlora_file(sdxl_file, SDXL_INV).adapters["label_emb.0.0"][0].up
-    torch.testing.assert_close(after, before * 0.5, rtol=0, atol=0)
+    after = load_tlora_file(sdxl_file, SDXL_INV)
+    torch.testing.assert_close(after.adapters["label_emb.0.0"][0].up,
+                               before.adapters["label_emb.0.0"][0].up * 0.5, rtol=0, atol=0)
+    (warning,) = after.warnings
+    for needle in ("dog.safetensors", "'lora_unet_label_emb_0_0.alpha' = 4 for 8 columns", "edited"):
+        assert needle in warning, needle
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool,
+                                   torch.complex64])
+@pytest.mark.parametrize("part", ["lora_down.weight", "lora_up.weight", "alpha"])
+def test_a_tensor_of_another_type_than_float_is_refused_naming_key_and_type(sdxl_file, dtype, part):
+    """Integer weights once loaded and failed inside the sampler; an integer alpha was read as its
+    bytes' integer value (8.0 stored as I32 bits: 1.09e9)."""
+    key = f"{TO_Q}.{part}"
+    tensor = read_raw(sdxl_file)[0][key]
+    rewrite(sdxl_file, tensors={key: tensor.view(torch.int32) if dtype == torch.int32 else tensor.to(dtype)})
+    expect_error(sdxl_file, SDXL_INV, f"'{key}'", f"stored as {str(dtype).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_tensors_are_up_cast_exactly(tmp_path, sdxl_file, dtype):
+    sd, meta = read_raw(sdxl_file)
+    fp8 = {k: t.to(dtype) if not k.endswith(".alpha") else t for k, t in sd.items()}
+    rewrite(sdxl_file, tensors=fp8)
+    exact = tmp_path / "exact.safetensors"
+    save_file({k: t.float() for k, t in fp8.items()}, str(exact), metadata=meta)
+    got, want = load_tlora_file(sdxl_file, SDXL_INV), load_tlora_file(exact, SDXL_INV)
+    assert got.warnings == [] and set(got.adapters) == set(want.adapters)
+    for module, group in want.adapters.items():
+        for a, b in zip(got.adapters[module], group, strict=True):
+            assert a.down.dtype == a.up.dtype == torch.float32
+            assert torch.equal(a.down, b.down) and torch.equal(a.up, b.up)
+
+
+def test_a_float64_file_gives_float32_adapters(sdxl_file):
+    want = load_tlora_file(sdxl_file, SDXL_INV)
+    rewrite(sdxl_file, tensors={k: t.double() for k, t in read_raw(sdxl_file)[0].items()})
+    got = load_tlora_file(sdxl_file, SDXL_INV)
+    for module, group in want.adapters.items():
+        for a, b in zip(got.adapters[module], group, strict=True):
+            # one dtype for both factors: a float64 down beside a float32 up failed in the sampler
+            assert a.down.dtype == a.up.dtype == torch.float32
+            assert torch.equal(a.up, b.up) and torch.equal(a.down, b.down)
+
+
+def test_a_zero_rank_layer_is_refused_naming_the_key(sdxl_file):
+    rewrite(sdxl_file, tensors={f"{TO_Q}.lora_down.weight": torch.zeros(0, 32),
+                                f"{TO_Q}.lora_up.weight": torch.zeros(32, 0)})
+    expect_error(sdxl_file, SDXL_INV, f"'{TO_Q}.lora_down.weight' is empty", "rank 0")
+
+
+@pytest.mark.parametrize("alpha,needle", [(torch.tensor(0.0), "is 0"), (torch.tensor(-8.0), "never negative"),
+                                          (torch.tensor([8.0, 8.0]), "holds 2 values"),
+                                          (torch.tensor(float("nan")), "NaN/Inf")])
+def test_an_alpha_that_no_loader_reads_alike_is_refused(sdxl_file, alpha, needle):
+    rewrite(sdxl_file, tensors={f"{TO_Q}.alpha": alpha})
+    expect_error(sdxl_file, SDXL_INV, f"'{TO_Q}.alpha'", needle)
+
+
+@pytest.mark.parametrize("dropped", ["tlora.format_version", "tlora.power", "tlora.T"])
+def test_a_missing_header_key_with_a_known_value_is_warned_about_not_lost(sdxl_file, dropped):
+    want = load_tlora_file(sdxl_file, SDXL_INV)
+    rewrite(sdxl_file, drop=[dropped])
+    got = load_tlora_file(sdxl_file, SDXL_INV)
+    assert got.source_format == "tlora" and got.schedule == want.schedule == \
+        core.adapter.RankSchedule(4, 2, 1.0, 1000)
+    (warning,) = got.warnings
+    assert "dog.safetensors" in warning and f"'{dropped}' is missing" in warning
+
+
+def test_a_file_read_as_a_plain_lora_despite_tlora_metadata_says_so(tmp_path, sdxl_file):
+    import reference_files as rf
+
+    from comfy_runtime import TINY_SDXL_CONFIG
+    from tlora_core.files.layout import HEADER_KEYS
+
+    inventory = rf.sdxl_inventory(TINY_SDXL_CONFIG)
+    stripped = tmp_path / "stripped.safetensors"
+    module = "output_blocks.0.1.transformer_blocks.0.attn2.to_v"
+    out, inp = inventory[module]
+    save_file({f"lora_unet_{module.replace('.', '_')}.lora_down.weight": torch.ones(2, inp),
+               f"lora_unet_{module.replace('.', '_')}.lora_up.weight": torch.ones(out, 2)}, str(stripped),
+              metadata={"tlora.training": "{}", "ss_network_dim": "2"})
+    loaded = load_tlora_file(stripped, inventory)
+    assert loaded.schedule is None and loaded.source_format == "lora"
+    (warning,) = loaded.warnings
+    for needle in ("stripped.safetensors", "'tlora.training'", "without a rank schedule"):
+        assert needle in warning, needle
+    assert not set(HEADER_KEYS) & set(read_raw(stripped)[1])
+
+
+def test_an_unexpected_exception_while_reading_names_the_file_and_logs_its_cause(sdxl_file, monkeypatch,
+                                                                                   caplog):
+    import tlora_core.files.read as read
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("integer modulo by zero")
+
+    monkeypatch.setattr(read, "read_own_format", broken)
+    with caplog.at_level(logging.ERROR):
+        message = expect_error(sdxl_file, SDXL_INV, "ZeroDivisionError: integer modulo by zero")
+    assert "the log has the details" in message
+    (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "dog.safetensors" in record.getMessage() and record.exc_info[0] is ZeroDivisionError
+
+
+@pytest.mark.parametrize("keys", [
+    ["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+     "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"],
+    ["text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight"],
+    ["lora_te2_text_model_encoder_layers_3_self_attn_out_proj.alpha"],
+])
+def test_a_text_encoder_only_file_is_said_to_be_one(keys):
+    """Text-encoder names (self_attn.q_proj) resemble Anima's: they were said to look made for it."""
+    from tlora_core.files.describe import no_match_message
+
+    assert guess_file_architecture(keys) == "text-encoder"
+    message = no_match_message("te.safetensors", keys, "sdxl")
+    assert message.startswith("te.safetensors: holds text-encoder layers only") and "Anima" not in message
+    # Beside diffusion-model keys, text-encoder keys do not decide what the file is made for.
+    assert guess_file_architecture([*keys, "lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == "flux"
+
+
+@pytest.mark.parametrize("label,keys_arch,model,needles,absent", [
+    # a FLUX file labelled SDXL on an SDXL model once said "looks made for SDXL; the model is SDXL"
+    ("sdxl", "flux", "sdxl", ["look made for FLUX", "metadata says SDXL (tlora.architecture = 'sdxl')",
+                              "the model is SDXL"], ["made for SDXL"]),
+    ("flux", "flux", "sdxl", ["The file looks made for FLUX; the model is SDXL"], ["although"]),
+    ("sdxl", "sdxl", "sdxl", ["labelled for SDXL", "like this model", "another size or version"],
+     ["looks made for"]),
+    (None, "sdxl", "sdxl", ["has the layer names of SDXL", "like this model"], ["looks made for"]),
+    ("sd15", "sd1", "flux", ["The file looks made for SD 1.5; the model is FLUX"], ["although"]),
+])
+def test_label_and_key_names_never_contradict_each_other(label, keys_arch, model, needles, absent):
+    from tlora_core.files.describe import no_match_message
+
+    keys = {"flux": ["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"],
+            "sdxl": ["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight"],
+            "sd1": ["lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight"]}[keys_arch]
+    message = no_match_message("f.safetensors", keys, model, {"tlora.architecture": label} if label else {})
+    for needle in needles:
+        assert needle in message, (needle, message)
+    for needle in absent:
+        assert needle not in message, (needle, message)
+
+
+@pytest.mark.parametrize("data", [bytes(range(7, 250)) * 3, __import__("pickle").dumps({"a": 1})],
+                         ids=["garbage", "plain-pickle"])
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickle_the_safe_loader_cannot_parse_is_not_called_unsafe(tmp_path, data):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(data)
+    message = expect_error(path, SDXL_INV, "corrupt", "not written by torch.save")
+    assert "could run code" not in message
+
+
+def test_a_pickle_with_a_non_string_key_says_so(tmp_path):
+    path = tmp_path / "intkeys.pt"
+    torch.save({1: torch.zeros(2)}, path)
+    expect_error(path, SDXL_INV, "entry 1 is named by a int, not a string")
 
 
 def test_detect_format_tells_every_supported_kind_apart(sdxl_file):

@@ -5,16 +5,19 @@ whose every adapter fits a Linear layer of the target model, or raises :class:`T
 (a ``ValueError``) whose message names the file, says what is wrong and what to do. Nothing is
 returned half-checked, so nothing is half-applied.
 
-The target model is described by its inventory (:mod:`tlora_core.inventory`). Which family a
-file looks made for is guessed from its metadata and key names, for the message when nothing fits.
+What is checked, in order: the file's tensors as read (:func:`check_file_tensors`: floating
+dtypes only, float8 up-cast to float32, no empty tensor, every value finite, every ``.alpha`` one
+number >= 0; a reader refuses an alpha of 0 with :func:`alpha_value`), then the adapters a reader
+made against the model (:func:`validate_weights`: something matches, every shape fits, the rank
+grouping fits the schedule). The target model is described by its inventory
+(:mod:`tlora_core.inventory`); what a file looks made for, for the message when nothing fits, is
+:mod:`.describe`'s to say.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import torch
@@ -22,19 +25,16 @@ import torch
 from .. import families
 from ..inventory import Inventory
 from ..weights import TLoRAWeights
+from .describe import ARCHITECTURE_LABELS, no_match_message
 
 log = logging.getLogger(__name__)
 
-# What a file can look made for: the known families, a few the pack does not load, and undecided.
-_JOINT = [f for f in families.all_families() if f.diffusers_joint_blocks]
-ARCHITECTURE_LABELS = {
-    **{f.id: f.label for f in families.all_families()}, "sd1": "SD 1.x/2.x",
-    "diffusers-joint": f"{', '.join(f.label for f in _JOINT[:-1])} or {_JOINT[-1].label} (diffusers names "
-                       "their joint blocks alike)",
-    "text-encoder": "text encoders only", "unknown": "an unrecognised model",
-}
-# The families' own key hints (Family.file_key_hint), asked before the generic rules below.
-_HINTS = [(f.id, re.compile(f.file_key_hint)) for f in families.all_families() if f.file_key_hint]
+# Stored float8 LoRA tensors exist (fp8 checkpoints' LoRAs); every float8 value is exactly a
+# float32 value, so they are up-cast before any check or arithmetic (torch has none for float8).
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in (
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, name))
+ALPHA_SUFFIX = ".alpha"
 
 
 class TLoRAFileError(ValueError):
@@ -49,74 +49,6 @@ def detect_architecture(inventory: Inventory) -> str:
         return "unknown"
 
 
-_FLUX_KEY = re.compile(r"(double|single)[._]blocks|(^|[._])(single_)?transformer[._]blocks[._]\d+[._]attn[._]")
-_UNET_KEY = re.compile(r"(input|output)[._]blocks|middle[._]block|(down|up)[._]blocks|mid[._]block")
-# Attention in the first UNet level exists in SD 1.x/2.x, not in SDXL.
-_SD1_KEY = re.compile(r"input[._]blocks[._][12][._]1[._]|down[._]blocks[._]0[._]attentions")
-_TE_KEY = re.compile(r"^(lora_te\d?_|text_encoder|te\d?[._]|clip_|t5)")
-# diffusers spells FLUX's double blocks, SD3's joint blocks and Qwen-Image's blocks alike
-# (transformer_blocks.N.attn.*): FLUX's single blocks, SD3's own names and SD3.5's second image
-# attention (attn2), Qwen-Image's img_mlp / txt_mlp tell them apart.
-_DIFFUSERS_JOINT_KEY = re.compile(r"(?:^|(?<!single)[._])transformer[._]blocks[._]\d+[._]attn[._]")
-_SD3_KEY = re.compile(r"joint[._]blocks|(?:^|[._])transformer[._]blocks[._]\d+[._]attn2[._]")
-
-
-def _architecture_from_metadata(metadata: Mapping[str, str]) -> str | None:
-    # A known family's own id or file labels first (what this pack and the stock tools write),
-    # then words that other tools' labels contain.
-    if metadata.get("tlora.architecture") in families.ids():
-        return metadata["tlora.architecture"]
-    for family in families.all_families():
-        if any(metadata.get(k) == v for k, v in family.file_labels.items()):
-            return family.id
-    text = " ".join(metadata.get(k, "") for k in (
-        "tlora.architecture", "modelspec.architecture", "ss_base_model_version")).lower()
-    for needle, arch in (("flux", "flux"), ("xl", "sdxl"), ("sd3", "sd3"),
-                         ("stable-diffusion-3", "sd3"), ("v1", "sd1"), ("v2", "sd1")):
-        if needle in text:
-            return arch
-    return None
-
-
-def guess_file_architecture(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
-    """Which architecture a file looks made for: a key of :data:`ARCHITECTURE_LABELS`.
-
-    Metadata (``tlora.architecture``, ``modelspec.architecture``, ``ss_base_model_version``) wins;
-    otherwise the keys vote: a family's own hint (``Family.file_key_hint``) first, then block names
-    (FLUX ``double_blocks`` / diffusers ``single_transformer_blocks``, SD3 ``joint_blocks`` /
-    diffusers ``attn2``, LDM / diffusers UNet names); diffusers' ``transformer_blocks.N.attn`` go
-    with the other keys of the one family that spells joint blocks so (FLUX, SD3, Qwen-Image), and
-    are ``"diffusers-joint"`` when nothing else tells.
-    """
-    found = _architecture_from_metadata(metadata or {})
-    if found:
-        return found
-    votes: Counter[str] = Counter()
-    joint = 0
-    for key in keys:
-        hinted = next((family for family, hint in _HINTS if hint.search(key)), None)
-        if hinted is not None:
-            votes[hinted] += 1
-        elif _UNET_KEY.search(key):
-            votes["sd1" if _SD1_KEY.search(key) else "sdxl"] += 1
-        elif _SD3_KEY.search(key):
-            votes["sd3"] += 1
-        elif _DIFFUSERS_JOINT_KEY.search(key):
-            joint += 1
-        elif _FLUX_KEY.search(key):
-            votes["flux"] += 1
-        elif _TE_KEY.search(key):
-            votes["text-encoder"] += 1
-    if votes["sd1"]:
-        # One SD 1.x-only block is enough: SDXL files never contain it.
-        votes["sd1"] += votes.pop("sdxl", 0)
-    if joint:
-        # The file's other keys say whose joint blocks these are, if only one such family has any.
-        sides = [f.id for f in _JOINT if votes[f.id] > 0]
-        votes[sides[0] if len(sides) == 1 else "diffusers-joint"] += joint
-    return votes.most_common(1)[0][0] if votes else "unknown"
-
-
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise if any floating tensor holds NaN or Inf, naming the first such key."""
     for key, tensor in tensors.items():
@@ -128,14 +60,64 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
                 "retrain with a lower learning rate.")
 
 
-def _no_match_message(source: str, names: Sequence[str], inventory: Inventory,
-                      file_arch: str) -> str:
-    model_arch = detect_architecture(inventory)
-    sample = ", ".join(f"'{n}'" for n in list(names)[:4]) or "(no LoRA keys at all)"
-    return (f"{source}: none of its layers matches a layer of this model. The file looks made for "
-            f"{ARCHITECTURE_LABELS.get(file_arch, file_arch)}; the model is "
-            f"{ARCHITECTURE_LABELS.get(model_arch, model_arch)}. First keys: {sample}. "
-            "Load it on the model it was trained for, or pick the file made for this model.")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _checked_tensor(key: str, tensor: torch.Tensor, source: str) -> torch.Tensor:
+    if tensor.dtype in FLOAT8_DTYPES:
+        tensor = tensor.float()
+    elif not tensor.is_floating_point():
+        what = "an alpha is one floating-point number such as 8.0" if key.endswith(ALPHA_SUFFIX) \
+            else "LoRA weights are floating-point numbers"
+        raise TLoRAFileError(
+            f"{source}: tensor '{key}' is stored as {_dtype_name(tensor.dtype)}, but {what} "
+            "(float32, float16, bfloat16 or float8). The file is damaged or holds something else; "
+            "save or download it again.")
+    if key.endswith(ALPHA_SUFFIX) and tensor.numel() != 1:
+        raise TLoRAFileError(
+            f"{source}: tensor '{key}' holds {tensor.numel()} values (shape "
+            f"{tuple(tensor.shape)}), but an alpha is one number. The file is damaged; save or "
+            "download it again.")
+    if tensor.numel() == 0:
+        raise TLoRAFileError(
+            f"{source}: tensor '{key}' is empty (shape {tuple(tensor.shape)}): a layer of rank 0, "
+            "which no loader can apply. The file is damaged or was written by a faulty tool; save "
+            "or download it again.")
+    return tensor
+
+
+def check_file_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The file's tensors as readers may use them, float8 ones up-cast to float32.
+
+    Raises:
+        TLoRAFileError: naming the first key that is not floating point (integers, bool,
+            complex), is empty (a rank-0 layer), holds NaN / Inf, is an alpha of more than one
+            value, or is a negative alpha (readers check more: :func:`alpha_value`).
+    """
+    out = {key: _checked_tensor(key, tensor, source) for key, tensor in tensors.items()}
+    check_finite(out, source)
+    for key, tensor in out.items():
+        if key.endswith(ALPHA_SUFFIX) and float(tensor) < 0:
+            raise TLoRAFileError(
+                f"{source}: tensor '{key}' is {float(tensor):g}, but an alpha is never negative "
+                "(the layer's scale is alpha / rank). The file is damaged; save or download it again.")
+    cast = sum(t.dtype in FLOAT8_DTYPES for t in tensors.values())
+    if cast:
+        log.info("%s: %d float8 tensor(s) up-cast to float32", source, cast)
+    return out
+
+
+def alpha_value(tensor: torch.Tensor, key: str, source: str) -> float:
+    """The value of a checked (:func:`check_file_tensors`) alpha tensor; raises TLoRAFileError
+    for 0, which kohya reads as alpha = rank and ComfyUI's stock loader as no effect."""
+    value = float(tensor)
+    if value == 0:
+        raise TLoRAFileError(
+            f"{source}: tensor '{key}' is 0. kohya's tools read an alpha of 0 as alpha = rank, "
+            "ComfyUI's LoRA loader as 'no effect at all', so the file means different things to "
+            "different loaders. Re-save it with the alpha it was trained with (usually its rank).")
+    return value
 
 
 def _check_adapter_shapes(source: str, module: str, group: list, shape: tuple[int, int]) -> None:
@@ -187,9 +169,9 @@ def validate_weights(weights: TLoRAWeights, inventory: Inventory, source: str, *
     matched = {m: g for m, g in weights.adapters.items() if m in inventory}
     unmatched = list(unmatched_keys) + [m for m in weights.adapters if m not in inventory]
     if not matched:
-        file_arch = guess_file_architecture(list(file_keys) or unmatched, weights.metadata)
-        raise TLoRAFileError(_no_match_message(source, unmatched or list(file_keys), inventory,
-                                               file_arch))
+        raise TLoRAFileError(no_match_message(source, list(file_keys) or unmatched,
+                                              detect_architecture(inventory), weights.metadata,
+                                              shown=unmatched or list(file_keys)))
     for module, group in matched.items():
         _check_adapter_shapes(source, module, group, inventory[module])
         _check_adapter_values(source, module, group)

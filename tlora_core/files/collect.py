@@ -18,7 +18,8 @@ from ..families import Family
 from ..inventory import Inventory, Target
 from ..schedule import default_min_rank, resolve_min_rank
 from ..weights import TLoRAWeights
-from .check import ARCHITECTURE_LABELS, TLoRAFileError, guess_file_architecture
+from .check import TLoRAFileError
+from .describe import ARCHITECTURE_LABELS, no_match_message
 from .names import ModuleIndex
 
 
@@ -91,12 +92,8 @@ class AdapterCollector:
         arch = self.index.architecture
         schedule = self._schedules[max(self._schedules)] if masked and self._schedules else None
         if not self.adapters:
-            names = self.unmatched or list(keys)
-            sample = ", ".join(f"'{n}'" for n in names[:4]) or "(no keys)"
-            raise TLoRAFileError(
-                f"{self.source}: none of its layers matches a layer of this model. The file looks "
-                f"made for {ARCHITECTURE_LABELS.get(guess_file_architecture(names), 'an unknown model')}"
-                f"; the model is {ARCHITECTURE_LABELS[arch]}. First keys: {sample}.")
+            raise TLoRAFileError(no_match_message(self.source, list(keys), arch,
+                                                  shown=self.unmatched or list(keys)))
         warnings = list(self.warnings)
         for reason, skipped in self.skipped.items():
             warnings.append(f"{self.source}: {len(skipped)} key(s) ignored: {reason} "

@@ -31,8 +31,9 @@ from ..inventory import Inventory
 from ..refactor import refactor_lowrank
 from ..weights import TLoRAWeights
 from . import foreign_tlora
-from .check import TLoRAFileError
+from .check import TLoRAFileError, alpha_value
 from .collect import AdapterCollector, pair_factors
+from .layout import HEADER_KEYS
 from .names import split_lora_key, strip_prefix
 from .peft import LoraConfigScale, is_peft_style
 
@@ -55,13 +56,14 @@ def _plain_groups(b: AdapterCollector, sd: Mapping[str, torch.Tensor]) -> dict[s
     return groups
 
 
-def _plain_scale(parts: Mapping[str, torch.Tensor], name: str, rank: int,
+def _plain_scale(parts: Mapping[str, torch.Tensor], name: str, layer: str, rank: int,
                  lora_config: LoraConfigScale | None, source: str) -> float | None:
-    """alpha / r of one layer: its ``.alpha`` tensor (kohya, ComfyUI, LyCORIS), else the PEFT
-    config's; None when neither states it (the caller applies scale 1)."""
+    """alpha / r of one layer (``name`` as in the file, ``layer`` without its prefix): its
+    ``.alpha`` tensor (kohya, ComfyUI, LyCORIS), else the PEFT config's; None when neither states
+    it (the caller applies scale 1)."""
     if "alpha" in parts:
-        return float(parts["alpha"]) / rank
-    return None if lora_config is None else lora_config.scale(name, rank, source)
+        return alpha_value(parts["alpha"], f"{name}.alpha", source) / rank
+    return None if lora_config is None else lora_config.scale(layer, rank, source)
 
 
 def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
@@ -93,7 +95,7 @@ def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         if target is None:
             continue
         down, up = pair_factors(parts["down"], parts["up"], name, source)
-        scale = _plain_scale(parts, layer, down.shape[0], lora_config, source)
+        scale = _plain_scale(parts, name, layer, down.shape[0], lora_config, source)
         unscaled += scale is None
         up = up * (1.0 if scale is None else scale)
         if not refactor:
@@ -117,8 +119,12 @@ def read_plain_lora(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
 
 def detect_format(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     """"tlora" | a reference-code format (``"reference-sdxl"``, ``"reference-flux"``: the formats
-    the families' ``reference_files`` declare) | "lycoris" | "lora" | "unknown"."""
-    if metadata and "tlora.format_version" in metadata:
+    the families' ``reference_files`` declare) | "lycoris" | "lora" | "unknown".
+
+    Any of our header keys (``tlora.format_version``, ``tlora.rank``, ...) makes it ours: a header
+    that is partly there is read (or refused) as ours, naming what is missing, never read as a
+    plain LoRA that silently loses its rank schedule."""
+    if metadata and any(key in metadata for key in HEADER_KEYS):
         return "tlora"
     keys = list(keys)
     reference = foreign_tlora.detect_reference(keys)

@@ -17,6 +17,11 @@ Most of this follows from the tensor shapes and the file-wide header (``tlora.ra
 
 A block's schedule defaults to the header's with its own rank: ``(q, min(min_rank, q), power, T)``
 with ``q = columns / parts``, or ``None`` in an unmasked file.
+
+A header that is only partly there is never read as something else: a missing key without which
+the file cannot be read is refused by name; ``tlora.format_version`` (beside the other header
+keys), ``tlora.power`` and ``tlora.T`` (beside ``tlora.min_rank``) take the values this pack
+writes (1, 1.0, 1000) with a warning naming the key (:attr:`Header.warnings`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Header:
     rank: int
     parts: int
     schedule: RankSchedule | None
+    warnings: tuple[str, ...] = ()      # keys that were missing and took the pack's value
 
     def block_schedule(self, rank: int) -> RankSchedule | None:
         s = self.schedule
@@ -109,8 +115,9 @@ def encode_blocks(blocks: list[Block], header: Header) -> list[dict]:
 
 def _bad(source: str, what: str) -> TLoRAFileError:
     return TLoRAFileError(f"{source}: inconsistent T-LoRA metadata: {what}. The file was edited or "
-                          "written by another tool; re-save it with this pack or load it as a "
-                          "plain LoRA.")
+                          "written by another tool; re-save it with this pack, or apply it at "
+                          "full rank with ComfyUI's LoraLoader (a plain LoRA, without the rank "
+                          "schedule).")
 
 
 def _decode_block(entry: object, header: Header, source: str, module: str) -> Block:
@@ -149,48 +156,72 @@ def decode_layout(text: str | None, header: Header, source: str) -> dict[str, li
     return layout
 
 
-def _number(metadata: Mapping[str, str], key: str, kind: type, source: str, default=None):
+def _number(metadata: Mapping[str, str], key: str, kind: type, source: str):
     if key not in metadata:
-        if default is None:
-            raise _bad(source, f"'{key}' is missing")
-        return default
+        raise _bad(source, f"'{key}' is missing")
     try:
         return kind(metadata[key])
     except ValueError as err:
         raise _bad(source, f"'{key}' = {metadata[key]!r} is not a {kind.__name__}") from err
 
 
+def _missing(source: str, key: str, assumed: str) -> str:
+    return (f"{source}: the T-LoRA metadata key '{key}' is missing (the file was edited); "
+            f"{assumed} is assumed. Re-save the file with this pack to restore it.")
+
+
+def _named(metadata: Mapping[str, str], key: str, known: tuple[str, ...], what: str, source: str) -> str:
+    if key not in metadata:
+        raise _bad(source, f"'{key}' is missing")
+    if metadata[key] not in known:
+        raise _bad(source, f"unknown {what} {metadata[key]!r} (known: {', '.join(known)})")
+    return metadata[key]
+
+
 def parse_header(metadata: Mapping[str, str], source: str) -> Header:
-    """Read and check the file-wide T-LoRA metadata; raise TLoRAFileError on any inconsistency."""
-    version = _number(metadata, "tlora.format_version", int, source)
+    """Read and check the file-wide T-LoRA metadata; raise TLoRAFileError on any inconsistency
+    (naming the key), record a warning for each key that took the pack's default value."""
+    warnings = []
+    if "tlora.format_version" in metadata:
+        version = _number(metadata, "tlora.format_version", int, source)
+    else:
+        version = FORMAT_VERSION
+        warnings.append(_missing(source, "tlora.format_version", f"version {FORMAT_VERSION} (its other "
+                                 "tlora.* keys are those of this version)"))
     if version != FORMAT_VERSION:
         raise TLoRAFileError(
-            f"{source}: T-LoRA file format version {version} is not known to this pack (it reads "
-            f"version {FORMAT_VERSION}). Update the pack to load it.")
-    variant = metadata.get("tlora.variant", "")
-    if variant not in VARIANTS:
-        raise _bad(source, f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
-    architecture = metadata.get("tlora.architecture", "")
-    if architecture not in families.ids():
-        raise _bad(source, f"unknown architecture {architecture!r} (known: {', '.join(families.ids())})")
+            f"{source}: T-LoRA file format version {version} is not known to this pack "
+            f"('tlora.format_version'; it reads version {FORMAT_VERSION}). Update the pack to load it.")
+    variant = _named(metadata, "tlora.variant", VARIANTS, "variant", source)
+    architecture = _named(metadata, "tlora.architecture", families.ids(), "architecture", source)
     rank = _number(metadata, "tlora.rank", int, source)
     parts = _number(metadata, "tlora.parts", int, source)
-    if rank < 1 or parts < 1:
-        raise _bad(source, f"rank {rank} and parts {parts} must be positive")
+    for key, value in (("tlora.rank", rank), ("tlora.parts", parts)):
+        if value < 1:
+            raise _bad(source, f"'{key}' = {value} must be 1 or more")
     schedule = None
     if "tlora.min_rank" in metadata:
         min_rank = _number(metadata, "tlora.min_rank", int, source)
-        power = _number(metadata, "tlora.power", float, source, 1.0)
-        T = _number(metadata, "tlora.T", int, source, 1000)
+        values = {}
+        for key, kind, default, assumed in (
+                ("tlora.power", float, 1.0, "power 1 (the paper's linear schedule; if the file was "
+                 "trained with another power, set schedule_power)"),
+                ("tlora.T", int, 1000, "T = 1000 (the diffusion models' training timesteps)")):
+            if key in metadata:
+                values[key] = _number(metadata, key, kind, source)
+            else:
+                values[key] = default
+                warnings.append(_missing(source, key, assumed))
         try:
-            schedule = RankSchedule(rank, min_rank, power, T)
+            schedule = RankSchedule(rank, min_rank, values["tlora.power"], values["tlora.T"])
         except ValueError as err:
-            raise _bad(source, str(err)) from err
+            raise _bad(source, f"the rank schedule ('tlora.rank', 'tlora.min_rank', 'tlora.power', "
+                               f"'tlora.T') is invalid: {err}") from err
     if variant in MASKED_VARIANTS and schedule is None:
         raise _bad(source, f"variant '{variant}' needs a schedule but 'tlora.min_rank' is missing")
     if variant in UNMASKED_VARIANTS and schedule is not None:
         raise _bad(source, f"variant '{variant}' has no rank schedule but 'tlora.min_rank' is set")
-    return Header(variant, architecture, rank, parts, schedule)
+    return Header(variant, architecture, rank, parts, schedule, tuple(warnings))
 
 
 def encode_header(header: Header) -> dict[str, str]:

@@ -2,12 +2,14 @@
 
 Each ``lora_unet_<path>`` pair is split back into the adapters it was written from; the stored
 product is kept exactly (alpha / k is folded into ``up``, so this reader and a stock LoRA loader
-agree at full rank).
+agree at full rank). The pack writes alpha = k (scale 1): another alpha means the file was edited,
+and is applied as a stock loader would, with a warning naming the file and the keys. Tensors come
+in float32 whatever their stored float type (the Ortho difference is then formed in float32, and
+the adapters' two factors always share one dtype).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import torch
@@ -15,7 +17,7 @@ import torch
 from ..adapter import LowRankAdapter
 from ..inventory import Inventory
 from ..weights import TLoRAWeights
-from .check import TLoRAFileError
+from .check import TLoRAFileError, alpha_value
 from .layout import (
     KEY_PREFIX,
     Block,
@@ -25,8 +27,6 @@ from .layout import (
     module_key,
     parse_header,
 )
-
-log = logging.getLogger(__name__)
 
 PAIR_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -48,9 +48,6 @@ def _group_pairs(sd: Mapping[str, torch.Tensor], source: str) -> tuple[dict[str,
     return stems, other
 
 
-def _as_float(t: torch.Tensor) -> torch.Tensor:
-    # Half-precision files are up-cast: the Ortho difference is then formed in float32.
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _check_blocks(blocks: list[Block], up: torch.Tensor, source: str, module: str) -> None:
@@ -69,28 +66,41 @@ def _check_blocks(blocks: list[Block], up: torch.Tensor, source: str, module: st
         covered[slice(None) if b.rows is None else slice(*b.rows), col:col + b.columns] = True
         col += b.columns
     if not bool(covered.all()) and bool(up[~covered].any()):
-        raise TLoRAFileError(bad + "lora_up has non-zero weights outside its adapters' blocks (the "
-                             "file was modified by another tool). Load it as a plain LoRA instead.")
+        raise TLoRAFileError(bad + "lora_up has non-zero weights outside its adapters' blocks (as "
+                             "'tlora.rank', 'tlora.parts' and 'tlora.layout' describe them; the "
+                             "file was modified by another tool). Re-save it with this pack.")
 
 
-def _adapters_for(module: str, entry: dict[str, torch.Tensor], header: Header,
-                  explicit: list[Block] | None, source: str, cache: dict) -> list[LowRankAdapter]:
-    down, up = _as_float(entry[".lora_down.weight"]), _as_float(entry[".lora_up.weight"])
+def _scaled_up(stem: str, entry: dict[str, torch.Tensor], up: torch.Tensor, source: str,
+               edited: list[str]) -> torch.Tensor:
+    """``up`` times alpha / k; an alpha other than k (this pack's) is noted in ``edited``."""
+    if ".alpha" not in entry:
+        return up                                   # a stock loader's default too: alpha = k
+    k = up.shape[1]
+    alpha = alpha_value(entry[".alpha"], f"{stem}.alpha", source)
+    if alpha == k:
+        return up
+    edited.append(f"'{stem}.alpha' = {alpha:g} for {k} columns")
+    return up * (alpha / k)
+
+
+def _adapters_for(module: str, stem: str, entry: dict[str, torch.Tensor], header: Header,
+                  explicit: list[Block] | None, source: str, cache: dict,
+                  edited: list[str]) -> list[LowRankAdapter]:
+    down, up = entry[".lora_down.weight"].float(), entry[".lora_up.weight"].float()
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise TLoRAFileError(f"{source}: layer '{module}' has lora_down {tuple(down.shape)} and "
-                             f"lora_up {tuple(up.shape)}, which do not form a pair. Re-save the file.")
+        raise TLoRAFileError(f"{source}: layer '{module}' has '{stem}.lora_down.weight' "
+                             f"{tuple(down.shape)} and '{stem}.lora_up.weight' {tuple(up.shape)}, "
+                             "which do not form a pair (need down (k, in), up (out, k)). The file "
+                             "is damaged; save or download it again.")
     k = down.shape[0]
-    if ".alpha" in entry and float(entry[".alpha"]) != k:
-        # Edited by another tool: apply alpha / k as a stock loader does, so both loaders agree.
-        log.info("%s: layer '%s' has alpha %g for %d columns; scaling by alpha / k", source, module,
-                 float(entry[".alpha"]), k)
-        up = up * (float(entry[".alpha"]) / k)
+    up = _scaled_up(stem, entry, up, source, edited)
     blocks = explicit or canonical_blocks(header, k, up.shape[0])
     if blocks is None:
         raise TLoRAFileError(
             f"{source}: inconsistent T-LoRA metadata on layer '{module}': {k} columns do not match "
-            f"rank {header.rank} x {header.parts} part(s) and no layout is stored. Re-save the file "
-            "with this pack, or load it as a plain LoRA.")
+            f"rank {header.rank} x {header.parts} part(s) ('tlora.rank', 'tlora.parts') and "
+            "'tlora.layout' stores no layout for it. Re-save the file with this pack.")
     _check_blocks(blocks, up, source, module)
     adapters, col = [], 0
     for b in blocks:
@@ -116,13 +126,22 @@ def read_own_format(sd: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                              f"no tensors ({stray[:3]}). Re-save the file with this pack.")
     adapters: dict[str, list[LowRankAdapter]] = {}
     cache: dict[tuple[int, ...], torch.Tensor] = {}   # one rank_index per layout: shared masks
+    edited: list[str] = []
     for stem, entry in stems.items():
         module = lookup.get(stem)
         if module is None:
             unmatched.append(f"{stem}.lora_down.weight")
             continue
-        adapters[module] = _adapters_for(module, entry, header, layout.get(module), source, cache)
+        adapters[module] = _adapters_for(module, stem, entry, header, layout.get(module), source,
+                                         cache, edited)
+    warnings = list(header.warnings)
+    if edited:
+        warnings.append(
+            f"{source}: {len(edited)} layer(s) have an alpha other than their column count, which "
+            f"this pack always writes (e.g. {', '.join(edited[:3])}): the file was edited. Each is "
+            "applied with scale alpha / columns, as a stock LoRA loader does; if that is not "
+            "intended, re-save the file with this pack.")
     weights = TLoRAWeights(adapters=adapters, architecture=header.architecture,
                            variant=header.variant, schedule=header.schedule, source_format="tlora",
-                           metadata=dict(metadata))
+                           metadata=dict(metadata), warnings=warnings)
     return weights, unmatched

@@ -8,6 +8,7 @@ becomes a :class:`~tlora_core.files.check.TLoRAFileError` naming the file.
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -17,25 +18,34 @@ from .check import TLoRAFileError
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin")
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")     # torch's zip container, a raw pickle stream
+_REFUSED_GLOBAL = re.compile(r"\bglobal\b", re.IGNORECASE)
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # The safe unpickler names the class or function it refused to import ("GLOBAL x.y was
+        # not an allowed global"); anything else it stops at is data it cannot parse at all.
+        if _REFUSED_GLOBAL.search(str(err)):
+            raise TLoRAFileError(
+                f"{path.name}: refused: the pickle holds objects other than tensors, and loading it "
+                "could run code. Convert it to .safetensors with a tool you trust.") from err
         raise TLoRAFileError(
-            f"{path.name}: refused: the pickle holds objects other than tensors, and loading it "
-            "could run code. Convert it to .safetensors with a tool you trust.") from err
+            f"{path.name}: cannot be read as a PyTorch file: it is corrupt, truncated, or not "
+            "written by torch.save. Download it again, or convert it to .safetensors.") from err
     except Exception as err:  # torch raises many different types for damaged archives
         raise TLoRAFileError(f"{path.name}: cannot be read as a PyTorch file, it is corrupt or "
                              f"truncated ({type(err).__name__}: {err}). Download it again.") from err
     if not isinstance(data, dict):
         raise TLoRAFileError(f"{path.name}: holds a {type(data).__name__}, not a dict of tensors.")
     for key, value in data.items():
+        what = f"entry {key!r} is a {type(value).__name__}, not a tensor" if isinstance(key, str) \
+            else f"entry {key!r} is named by a {type(key).__name__}, not a string"
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise TLoRAFileError(
-                f"{path.name}: entry {key!r} is a {type(value).__name__}, not a tensor. Only flat "
-                "dicts of tensors are read; extract the LoRA weights into a .safetensors file.")
+                f"{path.name}: {what}. Only flat dicts of tensors are read; extract the LoRA "
+                "weights into a .safetensors file.")
     return data
 
 

@@ -1,8 +1,14 @@
 """The one entry point that reads any supported LoRA / T-LoRA file for a model.
 
-:func:`load_tlora_file` reads the file safely (:mod:`.raw`), detects its format, dispatches to our
-own format's reader (:mod:`.own`) or a foreign one (:mod:`.foreign`), applies the caller's
-``min_rank`` / ``power`` and validates the result (:mod:`.check`) before returning anything.
+:func:`load_tlora_file` reads the file safely (:mod:`.raw`), checks its tensors (:mod:`.check`:
+float types only, float8 up-cast, no empty or non-finite tensor, sane alphas), detects its format,
+dispatches to our own format's reader (:mod:`.own`) or a foreign one (:mod:`.foreign`), applies the
+caller's ``min_rank`` / ``power`` and validates the result (:mod:`.check`) before returning anything.
+
+Whatever goes wrong while reading reaches the caller as a :class:`~.check.TLoRAFileError` naming
+the file: the checks' own messages name the key too; any other exception (a case no check
+foresaw) is wrapped, and its traceback logged, so that a damaged file never surfaces as a bare
+``ZeroDivisionError`` here or fails later inside the sampler.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from ..families import Family
 from ..inventory import Inventory
 from ..schedule import resolve_min_rank
 from ..weights import TLoRAWeights
-from .check import check_finite, validate_weights
+from .check import TLoRAFileError, check_file_tensors, validate_weights
 from .foreign import detect_format, read_foreign
+from .layout import HEADER_KEYS
 from .own import read_own_format
 from .peft import find_lora_config
 from .raw import read_state_dict
@@ -91,9 +98,29 @@ def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: 
     """
     _check_overrides(min_rank, power)
     path = Path(path)
+    try:
+        return _read(path, inventory, min_rank=min_rank, power=power, rank_refactor=rank_refactor,
+                     base_weights=base_weights, family=family)
+    except TLoRAFileError:
+        raise
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise                                   # the machine's limit, not the file's fault
+    except ValueError as err:                   # the core's readable messages, without the file
+        raise TLoRAFileError(f"{path.name}: {err}") from err
+    except Exception as err:
+        log.error("%s: unexpected error while reading the file", path.name, exc_info=err)
+        raise TLoRAFileError(
+            f"{path.name}: cannot be read ({type(err).__name__}: {err}). The file is damaged or "
+            "of a kind this loader does not know; save or download it again (the log has the "
+            "details for a bug report).") from err
+
+
+def _read(path: Path, inventory: Inventory, *, min_rank: float | None, power: float | None,
+          rank_refactor: bool, base_weights: Mapping[str, torch.Tensor] | None,
+          family: Family | None) -> TLoRAWeights:
     source = path.name
     sd, metadata = read_state_dict(path)
-    check_finite(sd, source)
+    sd = check_file_tensors(sd, source)
     fmt = detect_format(sd.keys(), metadata)
     unmatched: list[str] = []
     # An unscheduled LoRA of ours is a plain kohya LoRA: re-factoring it is the plain reader's job.
@@ -108,9 +135,22 @@ def load_tlora_file(path: str | os.PathLike, inventory: Inventory, *, min_rank: 
         weights = read_foreign(fmt, sd, inventory, min_rank=min_rank, power=power,
                                rank_refactor=rank_refactor, base_weights=base_weights,
                                source=source, lora_config=lora_config, family=family)
-        weights = replace(weights, metadata=weights.metadata or dict(metadata))
+        weights = replace(weights, metadata=weights.metadata or dict(metadata),
+                          warnings=[*weights.warnings, *_schedule_lost(metadata, source)])
     weights = validate_weights(weights, inventory, source, file_keys=list(sd), unmatched_keys=unmatched)
     return _warn_on_family_label(weights, family, source)
+
+
+def _schedule_lost(metadata: Mapping[str, str], source: str) -> list[str]:
+    """A warning for a file read as a plain LoRA although its metadata has tlora.* entries (a
+    file of ours whose header was stripped, e.g. by a tool that rewrote the metadata)."""
+    ours = sorted(k for k in metadata if k.startswith("tlora."))
+    if not ours or any(k in metadata for k in HEADER_KEYS):   # a header: read as ours (or refactored)
+        return []
+    return [f"{source}: has T-LoRA metadata ({', '.join(repr(k) for k in ours[:3])}) but no "
+            "'tlora.format_version' nor any other key of the T-LoRA header: it is read as a plain "
+            "LoRA at full rank, without a rank schedule. If it is a T-LoRA file of this pack, its "
+            "header was removed; use the file as T-LoRA Train saved it."]
 
 
 def _warn_on_family_label(weights: TLoRAWeights, family: Family | None, source: str) -> TLoRAWeights:
