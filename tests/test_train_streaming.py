@@ -47,7 +47,9 @@ def _half_the_weights_cap(model, config) -> float:
 
 @pytest.fixture
 def residencies(monkeypatch):
-    """Every load the trainer makes: (Residency, streamed target layers, target layers)."""
+    """Every load the trainer makes: (Residency, streamed target layers, target layers); each load
+    must leave the trainer's weight function on every layer (ComfyUI's loads wipe the functions
+    set by hand; add_weight_wrapper's come back)."""
     _, prepare, targets = _modules()
     seen = []
     real_load = prepare.LoadPlan.load
@@ -58,6 +60,10 @@ def residencies(monkeypatch):
         found = targets.find_targets(dm, th.family_id(patcher))
         modules = {t.module for t in found}
         streamed = sum(prepare.streams(dm.get_submodule(name)) for name in modules)
+        unprotected = [n for n, m in dm.named_modules() if hasattr(m, "weight_function")
+                       and isinstance(getattr(m, "weight", None), torch.Tensor)
+                       and not any(isinstance(f, prepare.BackwardSafe) for f in m.weight_function)]
+        assert not unprotected, f"layers without the trainer's weight function after a load: {unprotected[:3]}"
         seen.append((where, streamed, len(modules)))
         return where
 
