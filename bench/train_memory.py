@@ -55,24 +55,61 @@ import comfy_runtime  # noqa: E402
 GIB = 2 ** 30
 CONTEXT_OVERHEAD_GIB = 1.0   # CUDA context + allocator slack (GPU only): an estimate, not computed
 COMPUTE_DTYPE = torch.bfloat16
-RECIPES = {"sdxl": ("tlora", 64, torch.bfloat16, 77), "flux": ("vanilla", 32, torch.float8_e4m3fn, 512)}
+# Text tokens of a training prompt as each family's text encoder hands them to the model in ComfyUI:
+# CLIP's 77 (SDXL, SD 1.5), CLIP's 77 + T5's 77 (SD3), the 512 of FLUX.2's padding, Anima's
+# adapter padding and T5's usual maximum (FLUX.1, Chroma; ComfyUI pads FLUX.1 to 256), and 256 for
+# the LLM-encoded families, whose length follows the prompt (a long prompt: more than enough).
+TEXT_TOKENS = {"sdxl": 77, "sd15": 77, "sd3": 154, "flux": 512, "chroma": 512, "flux2": 512,
+               "anima": 512, "qwen_image": 256, "zimage": 256, "krea2": 256}
+# The base dtype of ``predict``'s default run: the README's SDXL (bf16) and FLUX.1-dev (fp8) rows.
+DEFAULT_BASE = {"flux": torch.float8_e4m3fn}
+RECIPES = {f.id: (f.recipe.variant, f.recipe.rank, DEFAULT_BASE.get(f.id, torch.bfloat16),
+                  TEXT_TOKENS.get(f.id, 256)) for f in comfy_runtime.families.all_families()}
+"""family -> (variant, rank, base dtype, text tokens): the family's recipe at attention scope."""
 ATTENTIONS = ("efficient", "math")
 log = logging.getLogger("train_memory")
 
 
 def _meta_inputs(family: str, image: int, tokens: int, config: dict):
-    latent = image // 8
+    """The raw diffusion model's inputs at batch 1 on the meta device: a latent of the family's
+    layout for an ``image`` x ``image`` picture, a mid-schedule timestep, ``tokens`` text tokens of
+    the family's conditioning width, and its further inputs where it has them (``y``, guidance,
+    the token count, Anima's T5 ids)."""
+    from comfyui_tlora.tlora_core import families
+
+    import family_configs
+
+    spec, tiny = families.get(family), family_configs.TINY[family]
+    side = image // spec.latent_downscale
+    frames = (1,) * (spec.latent_ndim - 4)
     with torch.device("meta"):
-        if family == "sdxl":
-            return (torch.empty(1, config["in_channels"], latent, latent, dtype=COMPUTE_DTYPE),
-                    torch.tensor([500.0]),
-                    {"context": torch.empty(1, tokens, config["context_dim"], dtype=COMPUTE_DTYPE),
-                     "y": torch.empty(1, config["adm_in_channels"], dtype=COMPUTE_DTYPE)})
-        return (torch.empty(1, config["in_channels"], latent, latent, dtype=COMPUTE_DTYPE),
-                torch.tensor([0.5]),
-                {"context": torch.empty(1, tokens, config["context_in_dim"], dtype=COMPUTE_DTYPE),
-                 "y": torch.empty(1, config["vec_in_dim"], dtype=COMPUTE_DTYPE),
-                 "guidance": torch.tensor([1.0])})
+        x = torch.empty(1, spec.latent_channels, *frames, side, side, dtype=COMPUTE_DTYPE)
+        t = torch.tensor([500.0 if spec.timestep == "discrete" else 0.5])
+        kwargs = {"context": torch.empty(1, tokens, spec.conditioning_widths(config)[0], dtype=COMPUTE_DTYPE)}
+        if tiny.y_width is not None:   # SDXL / SD3 adm, FLUX.1 vector
+            kwargs["y"] = torch.empty(1, config.get("adm_in_channels") or config["vec_in_dim"],
+                                      dtype=COMPUTE_DTYPE)
+        if tiny.guidance is not None:
+            kwargs["guidance"] = torch.tensor([spec.recipe.training_guidance or 0.0])
+        for name, value in tiny.extra_inputs(1, torch.Generator()).items():   # Anima's T5 ids
+            kwargs[name] = torch.empty(1, tokens, *value.shape[2:], dtype=value.dtype)
+    if tiny.tokens_input is not None:
+        kwargs[tiny.tokens_input] = tokens
+    return x, t, kwargs
+
+
+def meta_model(family: str, config: dict | None = None, dtype: torch.dtype = COMPUTE_DTYPE,
+               compute_dtype: torch.dtype | None = None):
+    """ComfyUI's BaseModel of ``family`` at ``config`` (default: the family file's real config)
+    on the meta device, weights in ``dtype``; ``compute_dtype`` other than ``dtype`` builds it as
+    ComfyUI's loaders build an fp8 base (manual cast to the compute dtype)."""
+    import comfy_runtime as runtime
+
+    config = dict(config or runtime.real_config(family))
+    model_config = runtime.family_model_config(family, config)
+    model_config.set_inference_dtype(dtype, compute_dtype if compute_dtype not in (None, dtype) else None)
+    with torch.device("meta"):
+        return model_config.get_model({})
 
 
 def _attach_meta_adapters(dm: torch.nn.Module, targets, width: int, ortho: bool) -> list[torch.Tensor]:
@@ -103,6 +140,14 @@ def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
 
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast`` that takes ``device_type="meta"`` for the CPU's (a meta input's device
+    type; Anima's text adapter turns autocast off around its rotary embedding)."""
+
+    def __init__(self, device_type: str, *args, **kwargs) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
 def cpu_conv_columns() -> bool:
     """Whether this CPU runs bf16 convolutions through PyTorch's slow path (``thnn_conv2d``,
     which holds the im2col columns as a tensor) because its oneDNN has no bf16 kernels (CPUs
@@ -128,8 +173,8 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 
 
 def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, width: int = 128,
-                ortho: bool = True, tokens: int = 77, attention: str = "efficient",
-                config: dict | None = None) -> dict:
+                ortho: bool = True, tokens: int | None = None, attention: str = "efficient",
+                config: dict | None = None, scope: str = "attention") -> dict:
     """What one forward of the model with adapters keeps for backward (meta device), in bytes.
 
     Each storage counts once (several ops saving one tensor keep it once). ``activations``: saved
@@ -143,20 +188,25 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
     the fp32 bytes of each block's adapter factors; ``conv_columns``: per convolution in forward
     order, (bytes, weight elements kept before it, its columns' bytes): see :func:`cpu_conv_columns`.
     """
-    import comfy.ldm.flux.math
     import comfy.ldm.modules.attention as attention_module
     import comfy.ops
     from comfyui_tlora.tlora_core import families
-    from comfyui_tlora.training.prepare import _install_checkpointing, _Restorer, checkpoint_blocks
+    from comfyui_tlora.training.prepare import (
+        _install_checkpointing,
+        _Restorer,
+        checkpoint_blocks,
+        comfy_training_flags,
+    )
+    from comfyui_tlora.training.runtime_fixes import runtime_fixes
     from comfyui_tlora.training.targets import find_targets
 
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, not {attention!r}")
-    if config is None:
-        config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
-    dm = comfy_runtime.build_model(family, config, device="meta", dtype=COMPUTE_DTYPE).diffusion_model
+    config = dict(config or comfy_runtime.real_config(family))
+    tokens = tokens or RECIPES[family][3]
+    dm = meta_model(family, config).diffusion_model
     dm.requires_grad_(False)
-    targets = find_targets(dm, family)
+    targets = find_targets(dm, family, scope)
     factors = _attach_meta_adapters(dm, targets, width, ortho)
     weights = {_storage(p)[0]: p.numel() for p in dm.parameters()}
     factor_ids = {_storage(f)[0] for f in factors}
@@ -229,11 +279,19 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
 
     x, t, kwargs = _meta_inputs(family, image, tokens, config)
     with ExitStack() as stack:
-        # ComfyUI's PyTorch attention, with the chosen kernel (meta SDPA is the math one).
-        for module in (attention_module, comfy.ldm.flux.math):
-            old = module.optimized_attention
-            module.optimized_attention = attention_call(attention_module.attention_pytorch)
-            stack.callback(setattr, module, "optimized_attention", old)
+        # What a training run switches on (ComfyUI's training flags, the family's differentiable
+        # ops), and ComfyUI's PyTorch attention with the chosen kernel (meta SDPA is the math one)
+        # wherever a model module holds ComfyUI's attention function.
+        stack.enter_context(comfy_training_flags())
+        stack.enter_context(runtime_fixes(families.get(family)))
+        stack.callback(setattr, torch, "autocast", torch.autocast)
+        torch.autocast = _MetaAutocast
+        wrapped = attention_call(attention_module.attention_pytorch)
+        for module in [m for n, m in list(sys.modules.items()) if n.startswith("comfy.ldm") and m]:
+            for attr in ("optimized_attention", "optimized_attention_masked"):
+                if getattr(module, attr, None) is not None and callable(getattr(module, attr)):
+                    stack.callback(setattr, module, attr, getattr(module, attr))
+                    setattr(module, attr, wrapped)
         if attention == "efficient":
             old_sdpa = comfy.ops.scaled_dot_product_attention
             comfy.ops.scaled_dot_product_attention = _efficient_sdpa
@@ -252,15 +310,14 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
             "order": order, "block_factor_bytes": dict(block_factors), "conv_columns": conv_columns}
 
 
-def adapter_bytes(family: str, variant: str, rank: int, config: dict | None = None) -> dict:
+def adapter_bytes(family: str, variant: str, rank: int, config: dict | None = None,
+                  scope: str = "attention") -> dict:
     """The adapters' memory (``training.modules.adapter_memory``, the trainer's own figure)."""
     from comfyui_tlora.training.modules import ADAPTER_DTYPE, adapter_memory
     from comfyui_tlora.training.targets import find_targets
 
-    if config is None:
-        config = comfy_runtime.REAL_SDXL_CONFIG if family == "sdxl" else comfy_runtime.REAL_FLUX_CONFIG
-    dm = comfy_runtime.build_model(family, config, device="meta").diffusion_model
-    targets = find_targets(dm, family)
+    dm = meta_model(family, config).diffusion_model
+    targets = find_targets(dm, family, scope)
     need = adapter_memory(targets, variant, rank)
     return {"base_params": sum(p.numel() for p in dm.parameters()), "targets": len(targets),
             "trainable_params": need["trainable_params"], "state_bytes": need["state_bytes"],
@@ -272,12 +329,14 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
             attention: str = "efficient", device: str = "gpu", keep_rank: int | None = None,
             inference_weights: bool = True, variant: str | None = None, rank: int | None = None,
             base_dtype: torch.dtype | None = None, tokens: int | None = None,
-            config: dict | None = None) -> dict:
+            config: dict | None = None, offload_bytes: int = 0) -> dict:
     """Peak tensor memory (GiB) of a steady-state training step and its parts (module docstring).
 
     Defaults: the family's recipe (``RECIPES``). ``keep_rank``: the step's r(t) (the factors are
     sliced to it); ``device="gpu"`` adds the CUDA context estimate; ``device="cpu"`` counts the slow
-    convolution's columns where this CPU has them (:func:`cpu_conv_columns`).
+    convolution's columns where this CPU has them (:func:`cpu_conv_columns`). ``offload_bytes``:
+    ComfyUI's casts of streamed layers in flight (:func:`training.memory.offload_buffers`), on top of
+    the forward and the recomputation.
     """
     r_variant, r_rank, r_dtype, r_tokens = RECIPES[family]
     variant, rank = variant or r_variant, rank or r_rank
@@ -299,7 +358,7 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
     # Forward: a convolution's columns come on top of what is kept when it runs.
     forward = max([saved] + [kept + elements * copy_size + c for kept, elements, c in s["conv_columns"]
                              if columns])
-    recompute, largest, at_recompute = 0, None, 0
+    recompute, largest, at_recompute, most = 0, None, 0, 0
     if checkpointing:
         # Backward re-runs each block with saving on (what the block saves without checkpointing),
         # then runs the block's backward, op by op in reverse: at the op that saved tensor j, what
@@ -318,12 +377,13 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
                 cumulative += size + weight_elements * copy_size
                 block = max(block, cumulative + 2 * size + (conv if columns else 0))
             live = kept_bytes + kept_weights * copy_size + arrived + block
+            most = max(most, block)
             if live > at_recompute:
                 at_recompute, recompute, largest = live, block, name
             arrived -= grads.get(name, 0)
     moments = {
-        "end_of_forward": forward + step_factors,
-        "largest_recompute": step_factors + at_recompute,
+        "end_of_forward": forward + step_factors + offload_bytes,
+        "largest_recompute": step_factors + at_recompute + offload_bytes,
         "end_of_backward": 2 * step_factors + a["grad_bytes"],
         "optimizer_step": a["grad_bytes"],
     }
@@ -342,6 +402,8 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
             "checkpoint_inputs_gib": s["checkpoint_inputs"] / GIB,
             "saved_weight_copies_gib": s["weight_elements"] * copy_size / GIB,
             "recompute_gib": recompute / GIB, "largest_block": largest,
+            "forward_saved_gib": saved / GIB, "largest_block_recompute_gib": most / GIB,
+            "offload_gib": offload_bytes / GIB,
             "moments_gib": {k: (base + persistent + v) / GIB for k, v in moments.items()},
             "peak_at": at, "context_gib": context / GIB, "peak_gib": peak / GIB}
 
