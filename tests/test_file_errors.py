@@ -143,12 +143,12 @@ def test_nan_or_inf_tensor_names_the_key(sdxl_file, bad):
 
 
 @pytest.mark.parametrize("edit,needles", [
-    ({"tlora.min_rank": "9"}, ["inconsistent T-LoRA metadata", "min_rank must be an integer in [1, rank=4]"]),
+    ({"tlora.min_rank": "9"}, ["inconsistent T-LoRA metadata", "'tlora.min_rank' = 9 must be between 1 and 'tlora.rank' = 4"]),
     ({"tlora.variant": "dora"}, ["unknown variant 'dora'"]),
     ({"tlora.format_version": "2"}, ["format version 2 is not known", "Update the pack"]),
     ({"tlora.rank": "3"}, ["8 columns do not match rank 3 x 2 part(s)"]),
-    ({"tlora.rank": "four"}, ["'tlora.rank' = 'four' is not a int"]),
-    ({"tlora.power": "-1"}, ["schedule power"]),
+    ({"tlora.rank": "four"}, ["'tlora.rank' = 'four' is not a whole number"]),
+    ({"tlora.power": "-1"}, ["'tlora.power' = '-1' must be a finite number > 0"]),
     ({"tlora.min_rank": None}, ["variant 'tlora' needs a schedule"]),
     ({"tlora.architecture": "no-such-family"}, ["unknown architecture 'no-such-family'"]),
     ({"tlora.layout": "{oops"}, ["tlora.layout is not valid JSON"]),

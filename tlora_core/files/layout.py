@@ -27,6 +27,7 @@ writes (1, 1.0, 1000) with a warning naming the key (:attr:`Header.warnings`).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -156,13 +157,16 @@ def decode_layout(text: str | None, header: Header, source: str) -> dict[str, li
     return layout
 
 
+_KINDS = {int: "a whole number", float: "a number"}
+
+
 def _number(metadata: Mapping[str, str], key: str, kind: type, source: str):
     if key not in metadata:
         raise _bad(source, f"'{key}' is missing")
     try:
         return kind(metadata[key])
     except ValueError as err:
-        raise _bad(source, f"'{key}' = {metadata[key]!r} is not a {kind.__name__}") from err
+        raise _bad(source, f"'{key}' = {metadata[key]!r} is not {_KINDS[kind]}") from err
 
 
 def _missing(source: str, key: str, assumed: str) -> str:
@@ -178,10 +182,30 @@ def _named(metadata: Mapping[str, str], key: str, known: tuple[str, ...], what: 
     return metadata[key]
 
 
+def _schedule(metadata: Mapping[str, str], rank: int, source: str, warnings: list[str]) -> RankSchedule:
+    """The header's rank schedule; every value is checked by its own key's name."""
+    min_rank = _number(metadata, "tlora.min_rank", int, source)
+    if not 1 <= min_rank <= rank:
+        raise _bad(source, f"'tlora.min_rank' = {min_rank} must be between 1 and 'tlora.rank' = {rank}")
+    values = {}
+    for key, kind, default, assumed in (
+            ("tlora.power", float, 1.0, "power 1 (the paper's linear schedule; if the file was "
+             "trained with another power, set schedule_power)"),
+            ("tlora.T", int, 1000, "T = 1000 (the diffusion models' training timesteps)")):
+        if key in metadata:
+            values[key] = _number(metadata, key, kind, source)
+        else:
+            values[key] = default
+            warnings.append(_missing(source, key, assumed))
+        if not (math.isfinite(values[key]) and values[key] > 0):
+            raise _bad(source, f"'{key}' = {metadata.get(key)!r} must be a finite number > 0")
+    return RankSchedule(rank, min_rank, values["tlora.power"], values["tlora.T"])
+
+
 def parse_header(metadata: Mapping[str, str], source: str) -> Header:
     """Read and check the file-wide T-LoRA metadata; raise TLoRAFileError on any inconsistency
     (naming the key), record a warning for each key that took the pack's default value."""
-    warnings = []
+    warnings: list[str] = []
     if "tlora.format_version" in metadata:
         version = _number(metadata, "tlora.format_version", int, source)
     else:
@@ -199,24 +223,7 @@ def parse_header(metadata: Mapping[str, str], source: str) -> Header:
     for key, value in (("tlora.rank", rank), ("tlora.parts", parts)):
         if value < 1:
             raise _bad(source, f"'{key}' = {value} must be 1 or more")
-    schedule = None
-    if "tlora.min_rank" in metadata:
-        min_rank = _number(metadata, "tlora.min_rank", int, source)
-        values = {}
-        for key, kind, default, assumed in (
-                ("tlora.power", float, 1.0, "power 1 (the paper's linear schedule; if the file was "
-                 "trained with another power, set schedule_power)"),
-                ("tlora.T", int, 1000, "T = 1000 (the diffusion models' training timesteps)")):
-            if key in metadata:
-                values[key] = _number(metadata, key, kind, source)
-            else:
-                values[key] = default
-                warnings.append(_missing(source, key, assumed))
-        try:
-            schedule = RankSchedule(rank, min_rank, values["tlora.power"], values["tlora.T"])
-        except ValueError as err:
-            raise _bad(source, f"the rank schedule ('tlora.rank', 'tlora.min_rank', 'tlora.power', "
-                               f"'tlora.T') is invalid: {err}") from err
+    schedule = _schedule(metadata, rank, source, warnings) if "tlora.min_rank" in metadata else None
     if variant in MASKED_VARIANTS and schedule is None:
         raise _bad(source, f"variant '{variant}' needs a schedule but 'tlora.min_rank' is missing")
     if variant in UNMASKED_VARIANTS and schedule is not None:

@@ -99,8 +99,8 @@ def _adapters_for(module: str, stem: str, entry: dict[str, torch.Tensor], header
     if blocks is None:
         raise TLoRAFileError(
             f"{source}: inconsistent T-LoRA metadata on layer '{module}': {k} columns do not match "
-            f"rank {header.rank} x {header.parts} part(s) ('tlora.rank', 'tlora.parts') and "
-            "'tlora.layout' stores no layout for it. Re-save the file with this pack.")
+            f"rank {header.rank} x {header.parts} part(s) ('tlora.rank', 'tlora.parts') and no layout "
+            "of it is stored under 'tlora.layout'. Re-save the file with this pack.")
     _check_blocks(blocks, up, source, module)
     adapters, col = [], 0
     for b in blocks:
