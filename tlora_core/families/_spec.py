@@ -150,7 +150,7 @@ class Family:
     reference_files: ReferenceFiles | None = None  # the T-LoRA reference code's files, if it has any
     # A regex (``re.search``) on a LoRA file's key that only this family's files contain, whatever
     # tool wrote it (dots or underscores): what an error calls the file when it does not fit the
-    # model ("looks made for ..."). None: the generic rules of tlora_core.files.check decide.
+    # model ("looks made for ..."). None: the generic rules of tlora_core.files.describe decide.
     file_key_hint: str | None = None
     # Its diffusers names spell joint attention blocks as FLUX's and SD3's do
     # (``transformer_blocks.N.attn.*``): such keys count for it when its other keys say so.

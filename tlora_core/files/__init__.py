@@ -9,6 +9,8 @@
   :mod:`.foreign_tlora`: the T-LoRA reference code's and LyCORIS's files; :mod:`.collect`: what
   both use to gather adapters; :mod:`.peft`: a PEFT LoraConfig's scale.
 - :mod:`.names`: layer names in files -> model modules (family spellings: the family files).
-- :mod:`.check`: ``TLoRAFileError`` and the checks every file passes before it is used.
+- :mod:`.check`: ``TLoRAFileError`` and the checks every file passes before it is used (tensor
+  types, ranks, alphas, values; then the adapters against the model).
+- :mod:`.describe`: what a file looks made for, and the message when none of its layers fits.
 - :mod:`.atomic`: ``atomic_write``, how every file of the pack is written (complete or not at all).
 """
