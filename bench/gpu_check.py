@@ -1,7 +1,10 @@
 """GPU check: T-LoRA Train and Loader at real size on one CUDA GPU, against ComfyUI's own paths.
 
-One command, no download, made to finish in under 8 minutes on one large GPU (H200 class). It
-builds SDXL (real size, bf16) and FLUX.1 (real widths, fp8 storage, bf16 compute; DEPTH-REDUCED
+One command, no download, made to finish in under 8 minutes on one H100 (80 GB). Two parts
+(``--parts``): the families' sections below, then the streaming part (:mod:`gpu_streaming`:
+FLUX.1 at real widths, depth-reduced, trained at VRAM budgets of 24, 16 and 12 GiB scaled to the
+model, with ComfyUI's reused cast buffers, against the bare frozen model's step, on fp8-scaled and
+GGUF bases). The families' part builds SDXL (real size, bf16) and FLUX.1 (real widths, fp8 storage, bf16 compute; DEPTH-REDUCED
 to 2 double + 4 single blocks of 19 + 38 to fit the time: the JSON's notes say so) from ComfyUI's
 classes with random weights, writes them as files and loads them through ComfyUI's own
 diffusion-model loader, as loaded by default (``dynamic``: on ComfyUI 0.33+ with an NVIDIA GPU the
@@ -37,17 +40,25 @@ non-dynamic load has inference-tensor weights as in real use (the trainer then c
 per forward; see ``training.prepare``).
 
 The time guard: before each section the script compares its estimate (the same section's time
-for the previous family; ``FIRST_ESTIMATE_S`` for the first, 0 under ``--tiny``) with what is left
-of ``--budget-s`` (default 480 s);
-a section that would not fit is skipped and recorded as such (a running section is not cut
-short). The JSON is rewritten after every section, so a run that is killed still leaves what it
-measured.
+for the previous family; ``FIRST_ESTIMATE_S`` for the first, 0 under ``--tiny``; the streaming
+part's own: ``gpu_streaming.SETUP_ESTIMATE_S``, then its longest run so far) with what is left of
+``--budget-s`` (default 480 s), less ``gpu_streaming.RESERVE_S`` kept for the streaming part while
+the families run; a section that would not fit is skipped and recorded as such (a running section
+is not cut short). The JSON is rewritten after every section, so a run that is killed still
+leaves what it measured.
+
+The allocator, as ComfyUI's main.py sets it on NVIDIA: PyTorch's cudaMallocAsync backend (chosen
+when the script starts, before torch loads) and ``args.cuda_malloc`` True, so streamed casts get
+fresh tensors; ``--disable-cuda-malloc`` runs everything with PyTorch's own allocator and
+ComfyUI's reused cast buffers, as ComfyUI's flag of that name. The JSON's ``allocator`` says which.
 
     COMFYUI_ROOT=<a ComfyUI root> python bench/gpu_check.py    # one CUDA GPU (0.33+: dynamic VRAM)
+    python bench/gpu_check.py --parts streaming                # the streaming part alone
     python bench/gpu_check.py --tiny                           # CPU, tiny models: the logic
 
-``--tiny`` runs every section on the tests' tiny models on the CPU (no dynamic patcher exists
-there; no CUDA memory figures), so the test suite checks the script itself. Writes
+``--tiny`` runs every section and every streaming run on tiny models on the CPU (no dynamic
+patcher exists there; no CUDA memory figures; budgets as ``max_vram_gb``), so the test suite
+checks the script itself. Writes
 ``bench/results/gpu_check.json`` (or ``--out``) and prints a short table.
 """
 
@@ -56,6 +67,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -66,8 +78,23 @@ for _path in (REPO / "tests", REPO / "bench"):   # the harness (it imports the p
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+
+def _allocator_as_comfyui(argv: list[str]) -> None:
+    """PyTorch's CUDA allocator as ComfyUI's main.py picks it on NVIDIA (its cuda_malloc.py):
+    cudaMallocAsync, unless ``--disable-cuda-malloc`` or ``--tiny``. It must be chosen before torch
+    loads, so this runs when the script is started, not when it is imported."""
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    if "--tiny" in argv or "--disable-cuda-malloc" in argv or "backend:" in conf:
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(filter(None, (conf, "backend:cudaMallocAsync")))
+
+
+if __name__ == "__main__":
+    _allocator_as_comfyui(sys.argv[1:])
+
+import gpu_streaming  # noqa: E402
 import torch  # noqa: E402
-from gpu_measure import Budget, SamplerClock, StepClock, measured, ratio  # noqa: E402
+from gpu_measure import Budget, SamplerClock, StepClock, adapter_gap, measured, ratio, train_memory  # noqa: E402
 
 import comfy_runtime  # noqa: E402
 
@@ -75,6 +102,7 @@ BUDGET_S = 480.0
 FIRST_ESTIMATE_S = 60.0   # a section's estimate before any family has run it (GPU runs)
 FLUX_BLOCKS = (2, 4)   # double, single blocks of the depth-reduced FLUX.1 (real: 19, 38)
 SECTIONS = ("train", "comfy_trainer", "loader_vs_stock", "loader", "train_on_dynamic_clone")
+PARTS = ("families", "streaming")
 
 
 @dataclass(frozen=True)
@@ -108,21 +136,11 @@ TINY = {family: Spec(None, torch.float32, "auto", 32, 32, 8, 8, 8, 8, f"tiny {fa
 def memory_model(family: str, spec: Spec) -> dict:
     """``bench/train_memory.py``'s prediction for the run this check makes (its recipe at 1024 x 1024,
     checkpointing on, on ``spec``'s config: the real-size one also under ``--tiny``), and the
-    recipe: the one place that knows train_memory's API."""
-    import comfy.ldm.flux.math
-    import comfy.ldm.modules.attention as attention
-
-    saved = list(sys.path), attention.optimized_attention, comfy.ldm.flux.math.optimized_attention
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import train_memory
-
-        variant, rank, base_dtype, tokens = train_memory.RECIPES[family]
-        peak = train_memory.predict(family, config=spec.config or FULL[family].config)["peak_gib"]
-        context = train_memory.CONTEXT_OVERHEAD_GIB
-    finally:   # train_memory puts the repository first on sys.path and sets the attention kernel
-        sys.path[:] = saved[0]
-        attention.optimized_attention, comfy.ldm.flux.math.optimized_attention = saved[1:]
+    recipe."""
+    with train_memory() as tm:
+        variant, rank, base_dtype, tokens = tm.RECIPES[family]
+        peak = tm.predict(family, config=spec.config or FULL[family].config)["peak_gib"]
+        context = tm.CONTEXT_OVERHEAD_GIB
     return {"variant": variant, "rank": rank, "base_dtype": str(base_dtype), "tokens": tokens,
             "peak_gib": peak, "peak_without_context_gib": peak - context}
 
@@ -198,11 +216,6 @@ def train_run(patcher, family: str, spec: Spec, recipe: dict, steps: int) -> dic
                           min_rank=default_min_rank(rank), steps=steps, compute_dtype=spec.compute_dtype,
                           learning_rate=1e-4, gradient_checkpointing=True)
     return {**out, **clock.summary(), "variant": recipe["variant"], "rank": rank, "result": result}
-
-
-def adapter_gap(a, b) -> float:
-    return max(float((x.up - y.up).abs().max()) for name in a.weights.adapters
-               for x, y in zip(a.weights.adapters[name], b.weights.adapters[name]))
 
 
 @contextlib.contextmanager
@@ -444,6 +457,8 @@ def table(report: dict) -> str:
             f"{f(get('loader_vs_stock', 'dynamic', 'tlora/stock'), '11.2f')}x "
             f"{f(get('train', 'adapter_max_diff'), '12.2e')} {f(get('loader', 'latent_max_diff'), '11.2e')}  "
             f"{','.join(skipped) or '-'}")
+    if "streaming" in report:
+        lines += gpu_streaming.table(report["streaming"])
     lines.append(f"budget {report['budget']['limit_s']:.0f} s, used {report['budget']['used_s']:.0f} s; "
                  + "; ".join(report["notes"]))
     return "\n".join(lines) + "\n"
@@ -454,31 +469,56 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="CPU, tiny models: check the script's logic")
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 6, tiny 3)")
     parser.add_argument("--family", nargs="+", default=["sdxl", "flux"], choices=["sdxl", "flux"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="the families' sections, the streaming part (default: both)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="time guard for the whole run")
+    parser.add_argument("--disable-cuda-malloc", action="store_true",
+                        help="PyTorch's own allocator and ComfyUI's cast buffers throughout, as ComfyUI's flag")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "gpu_check.json")
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA device: run with --tiny on a CPU")
     budget = Budget(args.budget_s, first_estimate_s=0.0 if args.tiny else FIRST_ESTIMATE_S)
     comfy_runtime.bootstrap(cpu=args.tiny)
+    import comfy.cli_args
     import comfy.model_management as mm
 
+    cuda = torch.cuda.is_available() and not args.tiny
+    allocator = torch.cuda.get_allocator_backend() if cuda else None
+    # ComfyUI's main.py sets this beside the allocator: streamed casts get fresh tensors with it, a
+    # reused per-stream buffer without (ops.cast_bias_weight).
+    comfy.cli_args.args.cuda_malloc = allocator == "cudaMallocAsync"
     specs = TINY if args.tiny else FULL
+    steps = args.steps or (3 if args.tiny else 6)
+    notes = [*(specs[f].note for f in args.family if "families" in args.parts),
+             *([gpu_streaming.note(args.tiny)] if "streaming" in args.parts else []),
+             f"dynamic VRAM {comfy_runtime.DYNAMIC_VRAM}"]
     report = {"comfyui": comfy_runtime.comfyui_version(), "tiny": args.tiny, "device": str(mm.get_torch_device()),
               "dynamic_vram": comfy_runtime.DYNAMIC_VRAM,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-              "torch": torch.__version__, "notes": [*(specs[f].note for f in args.family), f"dynamic VRAM {comfy_runtime.DYNAMIC_VRAM}"],
+              "torch": torch.__version__,
+              "allocator": {"torch": allocator, "comfy_cuda_malloc": comfy.cli_args.args.cuda_malloc},
+              "notes": notes,
               "budget": {"limit_s": args.budget_s, "used_s": 0.0, "skipped": budget.skipped}, "families": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        report["budget"]["used_s"] = args.budget_s - budget.left()
+        report["budget"]["used_s"] = budget.used()
         args.out.write_text(json.dumps(report, indent=2, default=str))
 
     with tempfile.TemporaryDirectory() as folder:
-        for family in args.family:
-            check_family(report["families"].setdefault(family, {}), family, specs[family],
-                         args.steps or (3 if args.tiny else 6), Path(folder), budget, save)
+        if "families" in args.parts:
+            if "streaming" in args.parts and not args.tiny:
+                budget.reserved_s = gpu_streaming.RESERVE_S
+            for family in args.family:
+                check_family(report["families"].setdefault(family, {}), family, specs[family], steps,
+                             Path(folder), budget, save)
+            budget.reserved_s = 0.0
+        if "streaming" in args.parts:
+            latents, positive, _ = inputs("flux", specs["flux"])
+            gpu_streaming.check(report.setdefault("streaming", {}), tiny=args.tiny, steps=steps,
+                                folder=Path(folder) / "streaming", latents=latents, positive=positive,
+                                budget=budget, save=save)
     sys.stdout.write(table(report))
     return report
 

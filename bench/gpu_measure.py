@@ -1,16 +1,20 @@
 """Measuring for bench/gpu_check.py: CUDA-synchronised step and sampler clocks, a block's peak
-memory, and the run's time guard. Without CUDA every memory figure is None and times are wall
-times of the CPU work."""
+memory, device memory held back so that ComfyUI sees a given budget free, adapter differences, and
+the run's time guard. Without CUDA every memory figure is None and times are wall times of the CPU
+work."""
 
 from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 GIB = 2 ** 30
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sync() -> None:
@@ -36,8 +40,9 @@ def measured(out: dict):
     (the step clocks sample the whole device's use for those)."""
     import comfy.model_management as mm
 
-    mm.unload_all_models()
-    mm.soft_empty_cache()
+    with torch.inference_mode():   # as ComfyUI unloads (its nodes run in it): a quantized MODEL
+        mm.unload_all_models()     # unloaded outside it cannot be loaded again
+        mm.soft_empty_cache()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -76,7 +81,8 @@ class StepClock:
         self.flags.append({n: getattr(mm, n) for n in ("in_training", "training_fp8_bwd") if hasattr(mm, n)})
         return executor(*args, **kwargs)
 
-    def _stamp(self, *_) -> None:
+    def stamp(self, *_) -> None:
+        """A time stamp now (after a CUDA synchronize); a loop without an optimizer calls it itself."""
         sync()
         self.stamps.append(time.perf_counter())
         self.device_used.append(device_used_gib())
@@ -85,7 +91,7 @@ class StepClock:
     def counting(self):
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        handle = register_optimizer_step_post_hook(self._stamp)
+        handle = register_optimizer_step_post_hook(self.stamp)
         try:
             yield
         finally:
@@ -102,6 +108,54 @@ class StepClock:
 
 def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
+
+
+def adapter_gap(a, b) -> float:
+    """The largest absolute difference between two training results' adapters (every factor)."""
+    return max(float((getattr(x, part).float() - getattr(y, part).float()).abs().max())
+               for name in a.weights.adapters
+               for x, y in zip(a.weights.adapters[name], b.weights.adapters[name]) for part in ("down", "up"))
+
+
+@contextlib.contextmanager
+def ballast(free_bytes: int | None):
+    """Hold device memory for the block so that ComfyUI sees ``free_bytes`` free
+    (``get_free_memory``: the driver's free memory plus what PyTorch's allocator holds unused), as
+    on a card with that much room. Yields the bytes held: 0 without CUDA or with ``free_bytes``
+    None. What ComfyUI then sees is for the caller to read (it may differ by the allocator's
+    rounding)."""
+    import comfy.model_management as mm
+
+    if free_bytes is None or not torch.cuda.is_available():
+        yield 0
+        return
+    device = mm.get_torch_device()
+    mm.soft_empty_cache()
+    size = max(0, int(mm.get_free_memory(device) - free_bytes))
+    held = torch.empty(size, dtype=torch.uint8, device=device) if size else None
+    try:
+        yield size
+    finally:
+        del held
+        mm.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def train_memory():
+    """``bench/train_memory.py``, imported for the block: it puts the repository first on sys.path
+    and sets ComfyUI's attention kernel, both put back afterwards."""
+    import comfy.ldm.flux.math
+    import comfy.ldm.modules.attention as attention
+
+    saved = list(sys.path), attention.optimized_attention, comfy.ldm.flux.math.optimized_attention
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_memory as module
+
+        yield module
+    finally:
+        sys.path[:] = saved[0]
+        attention.optimized_attention, comfy.ldm.flux.math.optimized_attention = saved[1:]
 
 
 class SamplerClock:
@@ -124,25 +178,34 @@ class SamplerClock:
 
 
 class Budget:
-    """The time guard: a section runs only if its estimate fits in what is left (the estimate: its
-    time on the previous family, ``first_estimate_s`` before one has run it)."""
+    """The time guard: a section runs only if its estimate fits in what is left (the estimate: the
+    caller's, else its time on the previous family, ``first_estimate_s`` before one has run it).
+    ``reserved_s`` is kept back for a later part of the run while it is set."""
 
     def __init__(self, limit_s: float, first_estimate_s: float = 0.0) -> None:
         self.limit_s, self.start = limit_s, time.perf_counter()
         self.first_estimate_s = first_estimate_s
+        self.reserved_s = 0.0
         self.taken: dict[str, float] = {}   # section -> seconds, last family that ran it
         self.skipped: list[str] = []
 
-    def left(self) -> float:
-        return self.limit_s - (time.perf_counter() - self.start)
+    def used(self) -> float:
+        return time.perf_counter() - self.start
 
-    def run(self, record: dict, family: str, name: str, fn) -> dict | None:
+    def left(self) -> float:
+        return self.limit_s - self.used() - self.reserved_s
+
+    def run(self, record: dict, family: str, name: str, fn, estimate_s: float | None = None) -> dict | None:
         """``record[name] = fn()`` with its status, or a skip note; a failure is recorded, not raised."""
         estimate, left = self.taken.get(name, self.first_estimate_s), self.left()
+        if estimate_s is not None:
+            estimate = estimate_s
         if left <= 0 or estimate > left:
-            why = f"this section took {estimate:.0f} s on the previous family" if name in self.taken else \
+            why = f"this section is given {estimate:.0f} s" if estimate_s is not None else \
+                f"this section took {estimate:.0f} s on the previous family" if name in self.taken else \
                 f"a first section is given {estimate:.0f} s"
-            note = f"skipped: the {self.limit_s:.0f} s budget has {max(left, 0):.0f} s left" + \
+            kept = f" ({self.reserved_s:.0f} s kept for a later part)" if self.reserved_s else ""
+            note = f"skipped: the {self.limit_s:.0f} s budget has {max(left, 0):.0f} s left{kept}" + \
                 (f", {why}" if estimate else "")
             record[name] = {"status": "skipped", "note": note}
             self.skipped.append(f"{family}.{name}")

@@ -12,6 +12,7 @@ from comfy_runtime import REPO, comfyui_version
 
 pytestmark = pytest.mark.comfy
 STEPS = 3
+GIB = 2 ** 30
 
 
 def _script():
@@ -40,12 +41,16 @@ def test_gpu_check_tiny_runs_every_section_and_writes_its_report(comfy, tmp_path
     import comfy_runtime
 
     out = tmp_path / "gpu_check.json"
-    report = _script().main(["--tiny", "--steps", str(STEPS), "--out", str(out)])
+    script = _script()
+    report = script.main(["--tiny", "--steps", str(STEPS), "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report, default=str))
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[0] == "family" and [line.split()[0] for line in table[1:3]] == ["sdxl", "flux"]
-    assert table[3].startswith("budget 480 s") and table[3].endswith("dynamic VRAM off (CPU)")
+    assert table[3].split()[:2] == ["streaming", "run"]
+    assert [line.split()[0] for line in table[4:-1]] == list(script.gpu_streaming.RUNS)
+    assert table[-1].startswith("budget 480 s") and table[-1].endswith("dynamic VRAM off (CPU)")
     assert report["dynamic_vram"] == "off (CPU)"
+    assert report["allocator"] == {"torch": None, "comfy_cuda_malloc": False}
     assert report["budget"]["skipped"] == [] and 0 < report["budget"]["used_s"] < 480
     present = {name: value for name, value in TRAINING_FLAGS.items() if hasattr(mm, name)}
     old_comfy = comfyui_version().startswith("0.3.")
@@ -101,6 +106,73 @@ def test_gpu_check_tiny_runs_every_section_and_writes_its_report(comfy, tmp_path
         assert r["loader"]["dynamic_s"] > 0 and r["loader"]["non_dynamic_s"] > 0
         assert r["train_on_dynamic_clone"] == {"status": "ran", "ran": True, "adapter_max_diff": 0.0,
                                                "seconds": r["train_on_dynamic_clone"]["seconds"]}
+    _check_streaming(report["streaming"], script.gpu_streaming, present, old_comfy)
+
+
+def _check_streaming(s: dict, streaming, present: dict, old_comfy: bool) -> None:
+    """The streaming part's figures on the CPU, where a budget is the trainer's cap."""
+    import quantized_models
+
+    setup = s["setup"]
+    assert setup["status"] == "ran", setup
+    assert 22 < setup["full_flux_weights_gib"] < 22.5 and 1 < setup["full_flux_working_set_gib"] < 8
+    f = setup["fraction_resident"]
+    for b in streaming.BUDGETS_GIB:
+        want = (b - setup["full_flux_working_set_gib"]) / setup["full_flux_weights_gib"]
+        assert f[str(b)] == pytest.approx(want)
+    assert 1 > f["24"] > f["16"] > f["12"] > 0
+    gguf = quantized_models.gguf_pack_dir() is not None
+    assert set(setup["model_gib"]) == {"float", "fp8_scaled", *(["gguf"] if gguf else [])}
+    # fp32 float base; fp8 and Q8_0 hold the Linear weights in about a byte a value.
+    assert all(setup["model_gib"][b] < setup["model_gib"]["float"] / 2 for b in setup["model_gib"] if b != "float")
+    assert setup["bf16_weights_gib"] == pytest.approx(setup["model_gib"]["float"] / 2)
+
+    full = s["full"]
+    budgets = s["budgets"]
+    assert budgets["working_set_gib"] == full["trainer_working_set_gib"] > 0
+    for b in streaming.BUDGETS_GIB:
+        want = budgets["working_set_gib"] + f[str(b)] * setup["bf16_weights_gib"]
+        assert budgets["bytes"][str(b)] / GIB == pytest.approx(want)
+
+    for name, run in streaming.RUNS.items():
+        r = s[name]
+        if run.base == "gguf" and not gguf:
+            assert r["status"] == "skipped" and "ComfyUI-GGUF" in r["note"]
+            continue
+        assert r["status"] == "ran", (name, r)
+        assert r["kind"] == ("floor" if run.floor else "tlora") and r["base"] == run.base
+        assert r["s_per_step"] > 0 and r["steps_timed"] == STEPS - 1 and r["loads"] == 1
+        assert r["flags_seen"] == present and r["flags_constant"]
+        assert r["peak_allocated_gib"] is None and r["peak/budget"] is None and r["ballast_gib"] == 0
+        assert r["measured_working_set_gib"] is None
+        # Casts land in ComfyUI's reused buffers only on a GPU (0.3.75 has none).
+        assert r["cast_buffer_calls"] == (None if old_comfy else 0)
+        per_step = r["streamed_per_step_gib"]
+        assert per_step["counted"] == per_step["expected"]
+        if run.budget is None:
+            assert r["budget_gib"] is None and r["budget_by"] is None
+            assert r["streamed_layers"] == 0 and per_step["counted"] == 0
+        else:
+            assert r["budget_by"] == "max_vram_gb"
+            assert r["budget_gib"] == pytest.approx(budgets["bytes"][str(run.budget)] / GIB)
+            assert 0 < r["streamed_layers"] < r["layers"] and r["resident_gib"] > 0
+            # Streamed layers run in forward and again in the recomputation (checkpointed blocks)
+            # or once (outside the blocks): between once and twice the streamed bytes per step.
+            assert r["streamed_gib"] < per_step["counted"] <= 2 * r["streamed_gib"]
+            load = s["floor_full" if run.floor else "full" if run.base == "float" else f"{run.base}_full"]
+            assert r["resident_gib"] + r["streamed_gib"] == pytest.approx(load["resident_gib"])
+            assert r["s/step vs full load"] == r["s_per_step"] / load["s_per_step"]
+        if run.compare is not None:
+            # Streamed, reused buffers or a second run: the same adapters bit for bit on a CPU.
+            assert r["adapters_vs"]["run"] == run.compare and r["adapters_vs"]["max_diff"] == 0.0
+            assert r["adapters_vs"].get("within_full_vs_full_baseline", True) is True
+        if run.floor:
+            pair = s[run.pair]
+            assert r["tlora/floor"] == pair["s_per_step"] / r["s_per_step"]
+            assert (r["resident_gib"], r["streamed_gib"]) == (pair["resident_gib"], pair["streamed_gib"])
+    assert s["baseline_adapter_max_diff"] == 0.0
+    streamed = [s[f"budget_{b}"]["streamed_gib"] for b in streaming.BUDGETS_GIB]
+    assert streamed == sorted(streamed) and len(set(streamed)) == len(streamed)   # smaller budget, more streamed
 
 
 def test_gpu_check_budget_guard_skips_what_does_not_fit(comfy, tmp_path, capsys):
@@ -119,10 +191,36 @@ def test_gpu_check_budget_guard_skips_what_does_not_fit(comfy, tmp_path, capsys)
     assert guarded.run(record, "sdxl", "train", lambda: pytest.fail("must not run")) is None
     assert "a first section is given 60 s" in record["train"]["note"] and guarded.skipped == ["sdxl.train"]
 
+    # A caller's estimate, and time kept back for a later part.
+    kept = script.Budget(100.0)
+    kept.reserved_s = 95.0
+    assert kept.run(record, "flux", "train", lambda: pytest.fail("must not run"), estimate_s=10.0) is None
+    assert "s kept for a later part" in record["train"]["note"] and "given 10 s" in record["train"]["note"]
+    kept.reserved_s = 0.0
+    assert kept.run(record, "flux", "train", lambda: {}, estimate_s=10.0)["status"] == "ran"
+
     out = tmp_path / "none.json"
     report = script.main(["--tiny", "--family", "sdxl", "--budget-s", "0", "--out", str(out)])
-    assert report["budget"]["skipped"] == ["sdxl.setup"]
+    assert report["budget"]["skipped"] == ["sdxl.setup", "streaming.setup"]
     assert report["families"]["sdxl"]["setup"]["status"] == "skipped"
-    assert json.loads(out.read_text())["budget"]["skipped"] == ["sdxl.setup"]
-    assert capsys.readouterr().out.splitlines()[1].split()[-1] == ",".join(("setup", *script.SECTIONS))
+    assert report["streaming"] == {"setup": report["streaming"]["setup"]}
+    assert report["streaming"]["setup"]["status"] == "skipped"
+    assert json.loads(out.read_text())["budget"]["skipped"] == ["sdxl.setup", "streaming.setup"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-1] == ",".join(("setup", *script.SECTIONS))
+    assert lines[2].startswith("streaming setup skipped: skipped: the 0 s budget has 0 s left") and len(lines) == 4
+
+
+def test_threaded_gguf_quantize_writes_the_same_blocks(comfy):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    streaming = _script().gpu_streaming
+    data = np.random.default_rng(0).standard_normal((37, 96)).astype(np.float32)
+    for qtype in ("Q8_0", "Q4_0", "BF16"):
+        want = gguf.quants.quantize(data, gguf.GGMLQuantizationType[qtype])
+        with streaming.threaded_gguf_quantize(threads=4):
+            got = gguf.quants.quantize(data, gguf.GGMLQuantizationType[qtype])
+        assert got.shape == want.shape and np.array_equal(got, want), qtype
+    assert gguf.quants.quantize is not None and "threaded" not in gguf.quants.quantize.__qualname__
 
