@@ -228,10 +228,32 @@ def streamed_per_step(patcher) -> int:
                for name, m in _layers(dm).items() if prepare.streams(m))
 
 
+def memory_estimate(patcher, setting: dict) -> int | None:
+    """``training.memory.working_set``'s bytes for the run ``setting`` describes on the load just
+    made (its streamed layers), None where the pack has no such estimate."""
+    try:
+        from comfyui_tlora.training import memory, optim
+    except ImportError:
+        return None
+    from comfyui_tlora.tlora_core import families
+    from comfyui_tlora.training import prepare
+    from comfyui_tlora.training.targets import find_targets
+
+    dm = patcher.model.diffusion_model
+    family = families.recognise(patcher.model)
+    streamed = {name: m for name, m in _layers(dm).items() if prepare.streams(m)}
+    return memory.working_set(
+        dm, family, find_targets(dm, family), variant=setting["variant"], rank=setting["rank"],
+        optimizer_copies=optim.STATE_COPIES["AdamW"], latent_shape=setting["latent_shape"],
+        context_tokens=setting["context_tokens"], compute_dtype=setting["compute_dtype"],
+        checkpointing=True, streamed=streamed).total
+
+
 @contextlib.contextmanager
-def watching_loads(seen: list[dict]):
+def watching_loads(seen: list[dict], setting: dict):
     """Every load T-LoRA Train makes in the block (``LoadPlan.load``): what ComfyUI saw free just
-    before, the plan, the residency and the expected bytes per step."""
+    before, the plan, the residency, the expected bytes per step and ``training.memory``'s working
+    set for it (:func:`memory_estimate` of ``setting``)."""
     import comfy.model_management as mm
     from comfyui_tlora.training import prepare
 
@@ -240,7 +262,8 @@ def watching_loads(seen: list[dict]):
     def load(plan, patcher):
         free = mm.get_free_memory(patcher.load_device)
         where = real(plan, patcher)
-        seen.append({"comfy_free": free, "plan": plan, "where": where, "per_step": streamed_per_step(patcher)})
+        seen.append({"comfy_free": free, "plan": plan, "where": where, "per_step": streamed_per_step(patcher),
+                     "estimate": memory_estimate(patcher, setting)})
         return where
 
     prepare.LoadPlan.load = load
@@ -334,28 +357,32 @@ def _loaded(loads: list[dict]) -> str:
             f"{first['plan'].memory_required / GIB:.2f} GiB for its working set; {first['where'].describe()}")
 
 
-def one_run(patcher, run: Run, latents, positive, recipe: dict, steps: int, compute_dtype: str,
-            budget: int | None, memory_required: int = 0) -> dict:
-    """One run of ``run``'s kind on ``patcher`` within ``budget`` bytes (None: the whole device):
-    its figures, and the training result under ``"result"`` (T-LoRA runs). A failure (out of
+def one_run(patcher, run: Run, latents, positive, setting: dict, steps: int, budget: int | None,
+            memory_required: int = 0, cap: int | None = None, loads: list | None = None) -> dict:
+    """One run of ``run``'s kind on ``patcher`` within ``budget`` bytes (None: the whole device) at
+    ``setting`` (recipe, compute dtype, inputs' shapes): its figures, and the training result under
+    ``"result"`` (T-LoRA runs). ``cap``: max_vram_gb's bytes (default: 0 on a GPU, the budget on a
+    CPU). ``loads`` collects the trainer's loads (:func:`watching_loads`). A failure (out of
     memory) is raised with what ComfyUI saw and loaded first."""
     import train_helpers as th
 
     cuda = torch.cuda.is_available()
-    cap = 0 if cuda or budget is None else budget   # a CPU's budget is the trainer's cap
-    clock, loads, counts, out, held = StepClock(patcher), [], {}, {}, [0]
+    if cap is None:
+        cap = 0 if cuda or budget is None else budget   # a CPU's budget is the trainer's cap
+    loads = [] if loads is None else loads
+    clock, counts, out, held = StepClock(patcher), {}, {}, [0]
     result = None
     try:
-        with measured(out), ballast(budget if cuda else None) as size, watching_loads(loads), \
+        with measured(out), ballast(budget if cuda else None) as size, watching_loads(loads, setting), \
                 cast_path(run.reused_buffers, counts), counting_streamed(patcher.model.diffusion_model, counts):
             held[0] = size
             if run.floor:
-                floor_steps(clock.patcher, latents, positive, steps, compute_dtype, memory_required, cap, clock)
+                floor_steps(clock.patcher, latents, positive, steps, setting["compute"], memory_required, cap, clock)
             else:
                 with clock.counting():
-                    result = th.train(clock.patcher, latents, positive, variant=recipe["variant"],
-                                      rank=recipe["rank"], min_rank=recipe["min_rank"], steps=steps,
-                                      compute_dtype=compute_dtype, learning_rate=1e-4,
+                    result = th.train(clock.patcher, latents, positive, variant=setting["variant"],
+                                      rank=setting["rank"], min_rank=setting["min_rank"], steps=steps,
+                                      compute_dtype=setting["compute"], learning_rate=1e-4,
                                       gradient_checkpointing=True, max_vram_gb=cap / GIB)
     except Exception as err:
         peak = "" if out.get("peak_allocated_gib") is None else \
@@ -373,7 +400,8 @@ def one_run(patcher, run: Run, latents, positive, recipe: dict, steps: int, comp
             "budget_gib": None if budget is None else budget / GIB,
             "budget_by": None if budget is None else "ballast" if cuda else "max_vram_gb",
             "ballast_gib": held[0] / GIB, "comfy_free_gib": first["comfy_free"] / GIB, "loads": len(loads),
-            "trainer_working_set_gib": first["plan"].memory_required / GIB,
+            "max_vram_gb": cap / GIB, "trainer_working_set_gib": first["plan"].memory_required / GIB,
+            "memory_model_working_set_gib": None if first["estimate"] is None else first["estimate"] / GIB,
             "measured_working_set_gib": None if peak is None else peak - where.resident_bytes / GIB,
             "resident_gib": where.resident_bytes / GIB, "streamed_gib": where.streamed_bytes / GIB,
             "streamed_layers": where.streamed_layers, "layers": where.layers,
@@ -397,6 +425,25 @@ def scaled_budgets(setup: dict, full: dict) -> dict:
             "bytes": {str(b): int(working + setup["fraction_resident"][str(b)] * weights) for b in BUDGETS_GIB}}
 
 
+def retryable(err: Exception, room: int | None, loads: list) -> bool:
+    """A budget run that loaded and then ran out of device memory (PyTorch's OutOfMemoryError)."""
+    return room is not None and bool(loads) and "OutOfMemoryError" in str(err)
+
+
+def retry_capped(patcher, run: Run, latents, positive, setting: dict, steps: int, room: int,
+                 memory_required: int, load: dict, error: str) -> dict:
+    """The run again at the same budget with the ``max_vram_gb`` that leaves ``training.memory``'s
+    working set free (what a user on that card would set after the automatic run ran out of
+    memory; the trainer asks ComfyUI for its adapters only). ``load``: the failed run's first."""
+    estimate = load["estimate"]
+    if estimate is None:
+        raise RuntimeError(error)
+    cap = room - max(0, estimate - load["plan"].memory_required)
+    record = one_run(patcher, run, latents, positive, setting, steps, room, memory_required, cap=cap)
+    record["automatic"] = {"status": "failed", "error": error[:400]}
+    return record
+
+
 def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive, budget, save: Callable) -> None:
     """Every run of :data:`RUNS` into ``out`` (``setup`` first), each under ``budget``'s guard."""
     import comfy.model_management as mm
@@ -406,7 +453,8 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
     storage = torch.float32 if tiny else torch.bfloat16
     compute = "auto" if tiny else "bf16"
     bases: dict = {}
-    recipe: dict = {}
+    setting: dict = {"compute": compute, "compute_dtype": storage if tiny else torch.bfloat16,
+                     "latent_shape": tuple(latents["samples"].shape), "context_tokens": positive[0][0].shape[1]}
     done: dict[str, dict] = {}   # run name -> its record with the training result
 
     def estimate(name: str) -> float:
@@ -427,9 +475,10 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
         with train_memory() as tm:
             variant, rank = tm.RECIPES[FAMILY][:2]
         rank = 8 if tiny else rank
-        recipe.update(variant=variant, rank=rank, min_rank=default_min_rank(rank))
+        setting.update(variant=variant, rank=rank, min_rank=default_min_rank(rank))
         return {"config": {k: cfg[k] for k in ("hidden_size", "context_in_dim", "depth", "depth_single_blocks")},
-                "storage": str(storage), "compute_dtype": compute, "recipe": dict(recipe),
+                "storage": str(storage), "compute_dtype": compute,
+                "recipe": {k: setting[k] for k in ("variant", "rank", "min_rank")},
                 "model_gib": {b: mm.module_size(p.model.diffusion_model) / GIB for b, p in bases.items()},
                 "bf16_weights_gib": 2 * sum(t.numel() for t in meta.state_dict().values()) / GIB,
                 "file_gib": {b: path.stat().st_size / GIB for b, path in paths.items()},
@@ -444,7 +493,14 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
         def fn() -> dict:
             room = None if run.budget is None else out["budgets"]["bytes"][str(run.budget)]
             memory_required = done[run.pair]["memory_required"] if run.floor else 0
-            record = one_run(bases[run.base], run, latents, positive, recipe, steps, compute, room, memory_required)
+            try:
+                record = one_run(bases[run.base], run, latents, positive, setting, steps, room, memory_required,
+                                 loads=(loads := []))
+            except RuntimeError as err:
+                if not retryable(err, room, loads):
+                    raise
+                record = retry_capped(bases[run.base], run, latents, positive, setting, steps, room,
+                                      memory_required, loads[0], str(err))
             if run.compare is not None:
                 record["adapters_vs"] = {"run": run.compare,
                                          "max_diff": adapter_gap(record["result"], done[run.compare]["result"])}

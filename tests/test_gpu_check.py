@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from comfy_runtime import REPO, comfyui_version
 
@@ -144,17 +145,19 @@ def _check_streaming(s: dict, streaming, present: dict, old_comfy: bool) -> None
         assert r["s_per_step"] > 0 and r["steps_timed"] == STEPS - 1 and r["loads"] == 1
         assert r["flags_seen"] == present and r["flags_constant"]
         assert r["peak_allocated_gib"] is None and r["peak/budget"] is None and r["ballast_gib"] == 0
-        assert r["measured_working_set_gib"] is None
+        assert r["measured_working_set_gib"] is None and "automatic" not in r   # no retry on a CPU
+        # training.memory's estimate for the run beside what the trainer asks (its adapters' state).
+        assert r["memory_model_working_set_gib"] > r["trainer_working_set_gib"] > 0
         # Casts land in ComfyUI's reused buffers only on a GPU (0.3.75 has none).
         assert r["cast_buffer_calls"] == (None if old_comfy else 0)
         per_step = r["streamed_per_step_gib"]
         assert per_step["counted"] == per_step["expected"]
         if run.budget is None:
-            assert r["budget_gib"] is None and r["budget_by"] is None
+            assert r["budget_gib"] is None and r["budget_by"] is None and r["max_vram_gb"] == 0
             assert r["streamed_layers"] == 0 and per_step["counted"] == 0
         else:
             assert r["budget_by"] == "max_vram_gb"
-            assert r["budget_gib"] == pytest.approx(budgets["bytes"][str(run.budget)] / GIB)
+            assert r["budget_gib"] == r["max_vram_gb"] == budgets["bytes"][str(run.budget)] / GIB
             assert 0 < r["streamed_layers"] < r["layers"] and r["resident_gib"] > 0
             # Streamed layers run in forward and again in the recomputation (checkpointed blocks)
             # or once (outside the blocks): between once and twice the streamed bytes per step.
@@ -224,3 +227,31 @@ def test_threaded_gguf_quantize_writes_the_same_blocks(comfy):
         assert got.shape == want.shape and np.array_equal(got, want), qtype
     assert gguf.quants.quantize is not None and "threaded" not in gguf.quants.quantize.__qualname__
 
+
+
+def test_a_budget_run_out_of_memory_is_retried_leaving_the_memory_models_working_set_free(comfy):
+    import train_helpers as th
+    from comfyui_tlora.training import prepare
+
+    streaming = _script().gpu_streaming
+    run = streaming.RUNS["budget_12"]
+    error = RuntimeError("[ComfyUI saw ...] OutOfMemoryError: CUDA out of memory")
+    assert streaming.retryable(error, 1, [{}])
+    assert not streaming.retryable(error, None, [{}]) and not streaming.retryable(error, 1, [])
+    assert not streaming.retryable(RuntimeError("[...] ValueError: x"), 1, [{}])
+
+    model, latents, positive = th.node_inputs("flux")
+    setting = {"variant": "vanilla", "rank": 4, "min_rank": 2, "compute": "auto", "compute_dtype": torch.float32,
+               "latent_shape": tuple(latents["samples"].shape), "context_tokens": positive[0][0].shape[1]}
+    weights = sum(p.nbytes for p in model.model.diffusion_model.parameters())
+    asked, estimate = 1000, 1000 + weights // 4   # the trainer's working set, training.memory's
+    room = estimate + weights // 2
+    load = {"estimate": estimate, "plan": prepare.LoadPlan(asked)}
+    record = streaming.retry_capped(model, run, latents, positive, setting, 2, room, 0, load, str(error))
+    assert record["automatic"] == {"status": "failed", "error": str(error)}
+    # The cap leaves training.memory's working set free beside half the weights.
+    assert record["max_vram_gb"] * GIB == room - (estimate - asked)
+    assert 0 < record["streamed_layers"] < record["layers"] and record["resident_gib"] * GIB <= weights // 2
+    with pytest.raises(RuntimeError, match="OutOfMemoryError"):   # no estimate: the failure stands
+        streaming.retry_capped(model, run, latents, positive, setting, 2, room, 0, {**load, "estimate": None},
+                               str(error))
