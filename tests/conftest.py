@@ -119,3 +119,12 @@ def loras_dir(tmp_path, monkeypatch, comfy_nodes):
     monkeypatch.delitem(folder_paths.filename_list_cache, "loras", raising=False)
     yield folder
     folder_paths.filename_list_cache.pop("loras", None)
+
+
+@pytest.fixture
+def after_each_training(monkeypatch):
+    """``record(model)``: the weights of ``model`` just before and after every T-LoRA Train run
+    from then on (:func:`base_weights.watch_trainings`)."""
+    import base_weights
+
+    return base_weights.watch_trainings(monkeypatch)

@@ -3,12 +3,13 @@
 One prompt per sequence, its order forced by data (each later sampler starts from the earlier
 one's latent): a T-LoRA Loader or a stock LoRA before T-LoRA Train; after the run, the base MODEL
 is sampled, a stock LoRA is applied to it and it trains a second time. The base's weights must stay
-the same objects (inference tensors, as ComfyUI's loader made them) with the same values, and the
+the same tensors (inference tensors, as ComfyUI's loader made them) with the same values, and the
 base sampled after training must equal the base sampled in a fresh process-state.
 """
 
 from __future__ import annotations
 
+import base_weights
 import pytest
 import torch
 import train_helpers as th
@@ -80,58 +81,61 @@ def _base_alone(family: str, base: dict) -> dict:
             "p": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}}}
 
 
-def tiny_base(family: str) -> dict:
-    """A float base: the tiny model as the test loader node builds it (under inference mode)."""
-    return {"class_type": "TLoRATestTinyModelLoader", "inputs": {"family": family}}
-
-
-def write_tlora(family: str, folder) -> str:
-    """A small trained T-LoRA file of ``family`` in ``folder`` (the loras folder); its name."""
+def write_tlora(trainable, folder, name: str) -> str:
+    """A small trained T-LoRA file for ``trainable``'s shapes in ``folder`` (the loras folder)."""
     from comfyui_tlora.tlora_core.files.write import save_tlora
     from comfyui_tlora.tlora_core.inventory import inventory_from_module
 
-    model, latents, positive = th.node_inputs(family)
-    result = th.train(model, latents, positive, variant="tlora", rank=4, min_rank=2, steps=3,
+    family = th.family_id(trainable)
+    _, latents, positive = th.node_inputs(family)
+    result = th.train(trainable, latents, positive, variant="tlora", rank=4, min_rank=2, steps=3,
                       learning_rate=3e-2, seed=7)
-    name = f"given_{family}.safetensors"
-    save_tlora(folder / name, result.weights, inventory=inventory_from_module(model.model.diffusion_model))
+    save_tlora(folder / name, result.weights, inventory=inventory_from_module(trainable.model.diffusion_model))
     return name
 
 
-def run_sequence(family: str, base: dict, before: str, folder) -> None:
-    """Run the sequence graph on ``base`` and check everything the module docstring promises."""
+def run_sequence(family: str, model, before: str, folder, record, trainable=None):
+    """Run the sequence graph on ``model`` (a MODEL as a loader node returned it, handed to the
+    prompt as the same object every time) and check everything the module docstring promises.
+    ``trainable``: a float model of the same shapes to make the given T-LoRA file on (default
+    ``model``). Returns the executor of the sequence's prompt."""
     import tiny_nodes
 
     tiny_nodes.register()
-    lora_name = write_tlora(family, folder)
-    alone, _ = comfy_runtime.run_prompt(_base_alone(family, base))
-    assert alone.success
-    executor, server = comfy_runtime.run_prompt(_graph(family, base, before, lora_name))
-    errors = [m for m in server.messages if m[0] == "execution_error"]
-    assert executor.success, errors
-    assert (folder / "first.safetensors").is_file() and (folder / "second.safetensors").is_file()
-    # The base sampled after the run is the base sampled by a fresh executor.
-    after = comfy_runtime.node_output(executor, "9")["samples"]
-    fresh = comfy_runtime.node_output(alone, "7")["samples"]
-    assert torch.equal(after, fresh)
-    model = comfy_runtime.node_output(executor, "1")
-    fresh_model = comfy_runtime.node_output(alone, "1")
-    dm, twin = model.model.diffusion_model, fresh_model.model.diffusion_model
-    assert all(p.is_inference() for p in dm.parameters()), "the base's weights were swapped"
-    mine, theirs = dm.state_dict(), twin.state_dict()
-    assert mine.keys() == theirs.keys()
-    assert all(torch.equal(_plain(mine[k]), _plain(theirs[k])) for k in mine)
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A weight's values as a plain tensor (a quantized weight dequantized) for comparison."""
-    dequantize = getattr(tensor, "dequantize", None)
-    if callable(dequantize) and type(tensor) is not torch.Tensor:
-        return dequantize()
-    return tensor
+    key = f"{family}-{id(model)}"
+    tiny_nodes.SHARED[key] = model
+    try:
+        lora_name = write_tlora(trainable or model, folder, f"given_{family}.safetensors")
+        base = {"class_type": "TLoRATestSharedModel", "inputs": {"key": key}}
+        weights = base_weights.weights(model)
+        captures = record(model)
+        alone, _ = comfy_runtime.run_prompt(_base_alone(family, base))
+        assert alone.success
+        executor, server = comfy_runtime.run_prompt(_graph(family, base, before, lora_name))
+        errors = [m for m in server.messages if m[0] == "execution_error"]
+        assert executor.success, errors
+        assert (folder / "first.safetensors").is_file() and (folder / "second.safetensors").is_file()
+        # The base sampled after the run is the base sampled before it.
+        after = comfy_runtime.node_output(executor, "9")["samples"]
+        assert torch.equal(after, comfy_runtime.node_output(alone, "7")["samples"])
+        # Each T-LoRA Train run leaves the base's weights as they were: the same tensors (storage),
+        # inference tensors still, with the same values.
+        assert len(captures) == 2
+        for run, (then, now) in enumerate(captures):
+            assert now.keys() == then.keys()
+            for k, (where, inference, values) in then.items():
+                assert now[k][0] == where, f"{k}: T-LoRA Train (run {run + 1}) replaced the weight's data"
+                assert now[k][1] == inference, f"{k}: T-LoRA Train changed the weight's inference-ness"
+                assert torch.equal(now[k][2], values), f"{k}: T-LoRA Train changed the base's weight"
+        final = base_weights.weights(model)
+        assert all(torch.equal(final[k][2], values) for k, (_, _, values) in weights.items())
+        assert all(final[k][1] == inference for k, (_, inference, _) in weights.items())
+        return executor
+    finally:
+        tiny_nodes.SHARED.pop(key, None)
 
 
 @pytest.mark.parametrize("before", ["base", "tlora", "stock"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_train_after_a_loader_and_the_base_after_train(family, before, loras_dir):
-    run_sequence(family, tiny_base(family), before, loras_dir)
+def test_train_after_a_loader_and_the_base_after_train(family, before, loras_dir, after_each_training):
+    run_sequence(family, th.node_inputs(family)[0], before, loras_dir, after_each_training)

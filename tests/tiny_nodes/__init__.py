@@ -159,6 +159,26 @@ class TinyTextEncode(io.ComfyNode):
         return io.NodeOutput(comfy_runtime.fake_conditioning(clip.family, seed=_text_seed(text)))
 
 
+SHARED: dict[str, object] = {}
+"""Models a test hands to a prompt through :class:`SharedModel` (e.g. one ComfyUI's own loader made)."""
+
+
+class SharedModel(io.ComfyNode):
+    """The MODEL a test put in :data:`SHARED` under ``key``: the same object in every prompt, as a
+    loader node's cached output is."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="TLoRATestSharedModel", display_name="Shared model (tests)", category=CATEGORY,
+            inputs=[io.String.Input("key", tooltip="the test's key in tiny_nodes.SHARED")],
+            outputs=[io.Model.Output(tooltip="that model")])
+
+    @classmethod
+    def execute(cls, key: str) -> io.NodeOutput:
+        return io.NodeOutput(SHARED[key])
+
+
 class ZeroLatentAfter(io.ComfyNode):
     """An all-zero latent (what the empty-latent nodes give) shaped like ``after``: a sampler fed
     with it starts from the empty latent but runs only once ``after`` exists (ordering in tests)."""
@@ -176,7 +196,7 @@ class ZeroLatentAfter(io.ComfyNode):
 
 
 NODES: list[type[io.ComfyNode]] = [TinyCheckpointLoader, TinyModelLoader, TinyClipLoader, TinyVaeLoader,
-                                   TinyTextEncode, ZeroLatentAfter]
+                                   TinyTextEncode, ZeroLatentAfter, SharedModel]
 
 
 class TinyNodesExtension(ComfyExtension):
