@@ -14,8 +14,8 @@ Budgets. A budget B (24, 16, 12 GiB) is a card on which ComfyUI sees B GiB free.
 ``f = (B - W_full) / M_full`` of the weights fits. The depth-reduced model of ``M`` bytes gets the
 budget ``W + f * M`` (``M``: its weights in bf16, 2 bytes a parameter, as ``M_full``): the same
 fraction of its weights fits beside its own working set ``W`` (on a GPU: the full-load run's peak
-minus its weights, measured; on a CPU: the trainer's own working set). The quantized bases get the
-same budgets: the same room for weights, which holds more of their smaller weights. On a GPU the budget is
+minus its weights, measured; on a CPU: the trainer's own working set). A quantized base gets the
+same room for weights beside its own ``W``, which holds more of its smaller weights. On a GPU the budget is
 made with ballast (device memory held so that ComfyUI's ``get_free_memory`` is the budget) and
 T-LoRA Train runs with ``max_vram_gb`` 0 (automatic), as a user on such a card; on a CPU, where
 ComfyUI always loads fully, the budget is ``max_vram_gb`` (the trainer trims the load with
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class Run:
     compare: str | None = None    # the full-load run whose adapters this one's are compared to
     pair: str | None = None       # floor: the T-LoRA run with the same load
 
+
+FULL_LOAD = {"float": "full", "fp8_scaled": "fp8_scaled_full", "gguf": "gguf_full"}
+"""Each base's full-load T-LoRA run: its budgets come from it."""
 
 RUNS: dict[str, Run] = {
     "full": Run("float"),
@@ -160,22 +164,29 @@ def _detection(cfg: dict, tiny: bool):
     return quantized_models._detection(FAMILY, cfg, detected)
 
 
-def write_bases(cfg: dict, storage: torch.dtype, folder: Path, gguf: bool) -> dict[str, Path]:
-    """The float file and the same weights as fp8 scaled and (``gguf``) GGUF files."""
+def write_bases(cfg: dict, storage: torch.dtype, folder: Path, gguf: bool, seconds: dict) -> dict[str, Path]:
+    """The float file and the same weights as fp8 scaled and (``gguf``) GGUF files; each file's
+    writing time into ``seconds``."""
     import quantized_files
     import quantized_models
     import safetensors.torch
 
     folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     sd = random_weights(cfg, storage)
     paths = {"float": folder / "flux_float.safetensors", "fp8_scaled": folder / "flux_fp8_scaled.safetensors"}
     safetensors.torch.save_file({k: v.cpu() for k, v in sd.items()}, str(paths["float"]))
+    seconds["float"] = time.perf_counter() - start
     linears = quantized_models.quantizable_linears(comfy_runtime.build_model(FAMILY, cfg, device="meta").diffusion_model)
+    start = time.perf_counter()
     quantized_files.write_mixed_precision(sd, linears, "float8_e4m3fn", "header", paths["fp8_scaled"])
+    seconds["fp8_scaled"] = time.perf_counter() - start
     if gguf:
         paths["gguf"] = folder / "flux_gguf.gguf"
+        start = time.perf_counter()
         with threaded_gguf_quantize():
             quantized_files.write_gguf({k: v.cpu() for k, v in sd.items()}, linears, GGUF_TYPE, FAMILY, paths["gguf"])
+        seconds["gguf"] = time.perf_counter() - start
     return paths
 
 
@@ -469,9 +480,15 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
 
         gguf = quantized_models.gguf_pack_dir() is not None
         meta = comfy_runtime.build_model(FAMILY, cfg, device="meta").diffusion_model
-        paths = write_bases(cfg, storage, folder, gguf)
+        seconds: dict = {"write": {}, "load": {}}
+        paths = write_bases(cfg, storage, folder, gguf, seconds["write"])
         for base, path in paths.items():
+            start = time.perf_counter()
             bases[base] = load_base(base, path, cfg, storage, tiny)
+            seconds["load"][base] = time.perf_counter() - start
+        start = time.perf_counter()
+        fractions = budget_fractions()
+        seconds["memory_model"] = time.perf_counter() - start
         with train_memory() as tm:
             variant, rank = tm.RECIPES[FAMILY][:2]
         rank = 8 if tiny else rank
@@ -482,7 +499,8 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
                 "model_gib": {b: mm.module_size(p.model.diffusion_model) / GIB for b, p in bases.items()},
                 "bf16_weights_gib": 2 * sum(t.numel() for t in meta.state_dict().values()) / GIB,
                 "file_gib": {b: path.stat().st_size / GIB for b, path in paths.items()},
-                "gguf": GGUF_TYPE if gguf else "not provisioned (ComfyUI-GGUF)", **budget_fractions()}
+                "gguf": GGUF_TYPE if gguf else "not provisioned (ComfyUI-GGUF)", **fractions,
+                "seconds_by_step": seconds}
 
     budget.run(out, "streaming", "setup", setup, estimate_s=estimate("setup"))
     save()
@@ -491,7 +509,7 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
 
     def runner(name: str, run: Run) -> Callable[[], dict]:
         def fn() -> dict:
-            room = None if run.budget is None else out["budgets"]["bytes"][str(run.budget)]
+            room = None if run.budget is None else out["budgets"][run.base]["bytes"][str(run.budget)]
             memory_required = done[run.pair]["memory_required"] if run.floor else 0
             try:
                 record = one_run(bases[run.base], run, latents, positive, setting, steps, room, memory_required,
@@ -505,20 +523,20 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
                 record["adapters_vs"] = {"run": run.compare,
                                          "max_diff": adapter_gap(record["result"], done[run.compare]["result"])}
             if run.budget is not None:
-                full = done.get("floor_full" if run.floor else "full" if run.base == "float" else f"{run.base}_full")
+                full = done.get("floor_full" if run.floor else FULL_LOAD[run.base])
                 record["s/step vs full load"] = ratio(record["s_per_step"], (full or {}).get("s_per_step"))
             if run.floor:
                 record["tlora/floor"] = ratio(done[run.pair]["s_per_step"], record["s_per_step"])
             done[name] = record
-            if name == "full":
-                out["budgets"] = scaled_budgets(out["setup"], record)
+            if name == FULL_LOAD[run.base]:
+                out.setdefault("budgets", {})[run.base] = scaled_budgets(out["setup"], record)
             return {k: v for k, v in record.items() if k not in ("result", "memory_required")}
         return fn
 
     for name, run in RUNS.items():
         needs = [n for n in (run.compare, run.pair) if n]
         if run.budget is not None:
-            needs.append("full")   # the budgets come from it
+            needs.append(FULL_LOAD[run.base])   # the budgets come from it
         missing = [n for n in dict.fromkeys(needs) if n not in done]
         if run.base not in bases:
             out[name] = {"status": "skipped", "note": "skipped: ComfyUI-GGUF is not provisioned"}

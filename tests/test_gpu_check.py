@@ -128,12 +128,12 @@ def _check_streaming(s: dict, streaming, present: dict, old_comfy: bool) -> None
     assert all(setup["model_gib"][b] < setup["model_gib"]["float"] / 2 for b in setup["model_gib"] if b != "float")
     assert setup["bf16_weights_gib"] == pytest.approx(setup["model_gib"]["float"] / 2)
 
-    full = s["full"]
-    budgets = s["budgets"]
-    assert budgets["working_set_gib"] == full["trainer_working_set_gib"] > 0
-    for b in streaming.BUDGETS_GIB:
-        want = budgets["working_set_gib"] + f[str(b)] * setup["bf16_weights_gib"]
-        assert budgets["bytes"][str(b)] / GIB == pytest.approx(want)
+    assert set(s["budgets"]) == set(setup["model_gib"])
+    for base, budgets in s["budgets"].items():   # from each base's full load: W + f * M
+        assert budgets["working_set_gib"] == s[streaming.FULL_LOAD[base]]["trainer_working_set_gib"] > 0
+        for b in streaming.BUDGETS_GIB:
+            want = budgets["working_set_gib"] + f[str(b)] * setup["bf16_weights_gib"]
+            assert budgets["bytes"][str(b)] / GIB == pytest.approx(want)
 
     for name, run in streaming.RUNS.items():
         r = s[name]
@@ -146,8 +146,8 @@ def _check_streaming(s: dict, streaming, present: dict, old_comfy: bool) -> None
         assert r["flags_seen"] == present and r["flags_constant"]
         assert r["peak_allocated_gib"] is None and r["peak/budget"] is None and r["ballast_gib"] == 0
         assert r["measured_working_set_gib"] is None and "automatic" not in r   # no retry on a CPU
-        # training.memory's estimate for the run beside what the trainer asks (its adapters' state).
-        assert r["memory_model_working_set_gib"] > r["trainer_working_set_gib"] > 0
+        # training.memory's estimate for this run's load beside what the trainer asked before it.
+        assert r["memory_model_working_set_gib"] > 0 and r["trainer_working_set_gib"] > 0
         # Casts land in ComfyUI's reused buffers only on a GPU (0.3.75 has none).
         assert r["cast_buffer_calls"] == (None if old_comfy else 0)
         per_step = r["streamed_per_step_gib"]
@@ -157,12 +157,12 @@ def _check_streaming(s: dict, streaming, present: dict, old_comfy: bool) -> None
             assert r["streamed_layers"] == 0 and per_step["counted"] == 0
         else:
             assert r["budget_by"] == "max_vram_gb"
-            assert r["budget_gib"] == r["max_vram_gb"] == budgets["bytes"][str(run.budget)] / GIB
+            assert r["budget_gib"] == r["max_vram_gb"] == s["budgets"][run.base]["bytes"][str(run.budget)] / GIB
             assert 0 < r["streamed_layers"] < r["layers"] and r["resident_gib"] > 0
             # Streamed layers run in forward and again in the recomputation (checkpointed blocks)
             # or once (outside the blocks): between once and twice the streamed bytes per step.
             assert r["streamed_gib"] < per_step["counted"] <= 2 * r["streamed_gib"]
-            load = s["floor_full" if run.floor else "full" if run.base == "float" else f"{run.base}_full"]
+            load = s["floor_full" if run.floor else streaming.FULL_LOAD[run.base]]
             assert r["resident_gib"] + r["streamed_gib"] == pytest.approx(load["resident_gib"])
             assert r["s/step vs full load"] == r["s_per_step"] / load["s_per_step"]
         if run.compare is not None:
@@ -244,7 +244,9 @@ def test_a_budget_run_out_of_memory_is_retried_leaving_the_memory_models_working
     setting = {"variant": "vanilla", "rank": 4, "min_rank": 2, "compute": "auto", "compute_dtype": torch.float32,
                "latent_shape": tuple(latents["samples"].shape), "context_tokens": positive[0][0].shape[1]}
     weights = sum(p.nbytes for p in model.model.diffusion_model.parameters())
-    asked, estimate = 1000, 1000 + weights // 4   # the trainer's working set, training.memory's
+    streaming.one_run(model, streaming.RUNS["full"], latents, positive, setting, 2, None, loads=(loads := []))
+    asked = loads[0]["plan"].memory_required   # what the trainer asks ComfyUI for
+    estimate = asked + weights // 4             # training.memory's working set, larger
     room = estimate + weights // 2
     load = {"estimate": estimate, "plan": prepare.LoadPlan(asked)}
     record = streaming.retry_capped(model, run, latents, positive, setting, 2, room, 0, load, str(error))
