@@ -40,6 +40,7 @@ T-LoRA step over the floor's.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -310,7 +311,8 @@ def counting_streamed(dm: torch.nn.Module, counts: dict):
 def cast_path(reused_buffers: bool, counts: dict):
     """ComfyUI's cast path for the block: its reused per-stream cast buffers (``args.cuda_malloc``
     False) or fresh tensors (as the process runs); ``counts["cast_buffer_calls"]``: how often
-    ComfyUI took a cast buffer (None: this ComfyUI has none)."""
+    ComfyUI took a cast buffer (None: this ComfyUI has none). Afterwards the buffers are let go,
+    as ComfyUI's executor does after every node (``reset_cast_buffers``)."""
     import comfy.cli_args
     import comfy.model_management as mm
 
@@ -333,6 +335,8 @@ def cast_path(reused_buffers: bool, counts: dict):
         args.cuda_malloc = saved
         if real is not None:
             mm.get_cast_buffer = real
+        if hasattr(mm, "reset_cast_buffers"):
+            mm.reset_cast_buffers()
 
 
 def floor_steps(patcher, latents, positive, steps: int, compute_dtype: str, memory_required: int,
@@ -374,7 +378,8 @@ def one_run(patcher, run: Run, latents, positive, setting: dict, steps: int, bud
     ``setting`` (recipe, compute dtype, inputs' shapes): its figures, and the training result under
     ``"result"`` (T-LoRA runs). ``cap``: max_vram_gb's bytes (default: 0 on a GPU, the budget on a
     CPU). ``loads`` collects the trainer's loads (:func:`watching_loads`). A failure (out of
-    memory) is raised with what ComfyUI saw and loaded first."""
+    memory) is raised with what ComfyUI saw and loaded first. ``peak_allocated_gib`` is the run's
+    own: the ballast and what was allocated before the run are taken out."""
     import train_helpers as th
 
     cuda = torch.cuda.is_available()
@@ -400,10 +405,11 @@ def one_run(patcher, run: Run, latents, positive, setting: dict, steps: int, bud
             f", peak allocated {out['peak_allocated_gib'] - held[0] / GIB:.2f} GiB"
         raise RuntimeError(f"[{_loaded(loads)}{peak}] {type(err).__name__}: {err}") from err
     summary = clock.summary()
-    for record, key in ((out, "peak_allocated_gib"), (out, "peak_reserved_gib"),
-                        (summary, "device_used_at_steps_max_gib")):
+    before = out.get("allocated_before_gib") or 0.0
+    for record, key, other in ((out, "peak_allocated_gib", before), (out, "peak_reserved_gib", 0.0),
+                               (summary, "device_used_at_steps_max_gib", 0.0)):
         if record.get(key) is not None:
-            record[key] -= held[0] / GIB   # the run's own, without the ballast
+            record[key] -= held[0] / GIB + other   # the run's own: no ballast, nothing from before
     first = loads[0]
     where = first["where"]
     peak = out.get("peak_allocated_gib")
@@ -449,6 +455,7 @@ def retry_capped(patcher, run: Run, latents, positive, setting: dict, steps: int
     estimate = load["estimate"]
     if estimate is None:
         raise RuntimeError(error)
+    gc.collect()   # what the failed run's frames held
     cap = room - max(0, estimate - load["plan"].memory_required)
     record = one_run(patcher, run, latents, positive, setting, steps, room, memory_required, cap=cap)
     record["automatic"] = {"status": "failed", "error": error[:400]}
@@ -511,14 +518,18 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
         def fn() -> dict:
             room = None if run.budget is None else out["budgets"][run.base]["bytes"][str(run.budget)]
             memory_required = done[run.pair]["memory_required"] if run.floor else 0
+            loads: list = []
+            failure = None
             try:
                 record = one_run(bases[run.base], run, latents, positive, setting, steps, room, memory_required,
-                                 loads=(loads := []))
+                                 loads=loads)
             except RuntimeError as err:
                 if not retryable(err, room, loads):
                     raise
+                failure = str(err)   # retried below, once this exception (and its frames' tensors) is gone
+            if failure is not None:
                 record = retry_capped(bases[run.base], run, latents, positive, setting, steps, room,
-                                      memory_required, loads[0], str(err))
+                                      memory_required, loads[0], failure)
             if run.compare is not None:
                 record["adapters_vs"] = {"run": run.compare,
                                          "max_diff": adapter_gap(record["result"], done[run.compare]["result"])}
