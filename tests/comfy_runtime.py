@@ -84,6 +84,16 @@ def real_config(family: str, name: str | None = None) -> dict[str, Any]:
     return dict(spec.real_config if name is None else spec.other_real_configs[name])
 
 
+def _comfyui_first() -> None:
+    """Put the ComfyUI root first on ``sys.path``, even when already listed: the repository's own
+    ``nodes`` package must never shadow ComfyUI's nodes.py (a bench module imported by a test may
+    have put the repository in front since the bootstrap)."""
+    root = str(comfyui_root())
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
+
+
 def bootstrap(cpu: bool = True) -> None:
     """Make ComfyUI importable in this process, on the CPU unless ``cpu=False`` (device scripts
     under bench/; the first call decides, and on a GPU turns on ComfyUI's dynamic VRAM where it
@@ -91,12 +101,7 @@ def bootstrap(cpu: bool = True) -> None:
     global _BOOTSTRAPPED, DYNAMIC_VRAM
     if _BOOTSTRAPPED:
         return
-    root = str(comfyui_root())
-    # First, even when already listed: the repository's own ``nodes`` package must never shadow
-    # ComfyUI's nodes.py (a script may have put the repository in front).
-    if root in sys.path:
-        sys.path.remove(root)
-    sys.path.insert(0, root)
+    _comfyui_first()
     import comfy.options
 
     comfy.options.args_parsing = False
@@ -163,6 +168,8 @@ def enable_dynamic_vram() -> str:
 def init_nodes() -> None:
     """Load ComfyUI's built-in extra nodes and register the pack's nodes (idempotent)."""
     bootstrap()
+    if "nodes" not in sys.modules:
+        _comfyui_first()
     import nodes
 
     if getattr(init_nodes, "_done", False):

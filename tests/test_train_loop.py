@@ -301,9 +301,10 @@ def test_training_on_a_model_that_already_carries_a_tlora(family):
     torch.testing.assert_close(short[True].losses, short[False].losses, rtol=1e-5, atol=0)
 
 
-def test_training_asks_comfyui_for_room_for_the_adapters(tl, monkeypatch):
-    """Before loading, the trainer tells ComfyUI how much it needs beside the weights, so other
-    models (text encoders, VAE) are unloaded from the GPU first, as before sampling."""
+def test_training_asks_comfyui_for_room_for_its_working_set(tl, monkeypatch):
+    """Before loading, the trainer tells ComfyUI how much it needs beside the weights (the run's
+    working set: adapters, optimizer, activations, ...), so other models (text encoders, VAE) are
+    unloaded from the GPU first and the layers that do not fit beside it stream."""
     import comfy.model_management
 
     loop, modules, _, _, targets = tl
@@ -318,5 +319,10 @@ def test_training_asks_comfyui_for_room_for_the_adapters(tl, monkeypatch):
     monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording)
     th.train(model, latents, positive, variant="tlora", rank=4, min_rank=2, steps=1, seed=0,
              gradient_checkpointing=False)
-    need = modules.adapter_memory(targets.find_targets(model.model.diffusion_model, "sdxl"), "tlora", 4)
-    assert calls and calls[0] == need["state_bytes"] + need["step_factor_bytes"] > 0
+    found = targets.find_targets(model.model.diffusion_model, "sdxl")
+    config = loop.TrainConfig(variant="tlora", rank=4, min_rank=2, steps=1, gradient_checkpointing=False)
+    need = loop.run_working_set(model, found, config, th.training_data(model, latents, positive), False)
+    adapters = modules.adapter_memory(found, "tlora", 4)
+    assert need.adapter_state == adapters["state_bytes"] and need.step_factors == adapters["step_factor_bytes"]
+    assert need.activations > 0
+    assert calls and calls[0] == need.total

@@ -42,7 +42,9 @@ def _half_the_weights_cap(model, config) -> float:
     found = targets.find_targets(model.model.diffusion_model, th.family_id(model), config.scope)
     weights = sum(comfy.model_management.module_size(m) for m in model.model.diffusion_model.modules()
                   if hasattr(m, "weight_function") and isinstance(getattr(m, "weight", None), torch.Tensor))
-    return (loop.working_set_bytes(found, config) + 0.4 * weights) / GIB
+    data = th.training_data(model, *th.node_inputs(th.family_id(model))[1:])
+    need = loop.run_working_set(model, found, config, data, checkpointing=config.gradient_checkpointing)
+    return (need.total + 0.4 * weights) / GIB
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ import torch
 from ..tlora_core.adapter import RankSchedule
 from ..tlora_core.masks import RankState
 from ..tlora_core.weights import TLoRAWeights
-from . import optim
+from . import memory, optim
 from . import state as state_io
 from .inputs import TrainingData, family_of
-from .modules import MASKED_VARIANTS, AdapterSet, adapter_memory
+from .modules import MASKED_VARIANTS, AdapterSet
 from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
 from .prepare import trainable_model
 from .targets import find_targets
@@ -217,10 +217,21 @@ def _train_step(step: int, config: TrainConfig, data: TrainingData, predictor: N
     return value
 
 
-def working_set_bytes(targets, config: TrainConfig) -> int:
-    """What a run needs on the device beside the base weights (``LoadPlan.memory_required``)."""
-    need = adapter_memory(targets, config.variant, config.rank, optim.STATE_COPIES[config.optimizer])
-    return need["state_bytes"] + need["step_factor_bytes"]
+def run_working_set(patcher, targets, config: TrainConfig, data: TrainingData,
+                    checkpointing: bool) -> memory.WorkingSet:
+    """What a run needs on the device beside the resident weights (``LoadPlan.memory_required``),
+    before ComfyUI has chosen what streams: every layer counted as streamable (its offload
+    buffers are those of the largest layers)."""
+    model = patcher.model
+    dm = model.diffusion_model
+    compute = COMPUTE_DTYPES[config.compute_dtype] or model.manual_cast_dtype or model.get_dtype()
+    context = max((v.cond.shape[1] for v in data.conds[0].values()
+                   if torch.is_tensor(getattr(v, "cond", None)) and v.cond.ndim == 3), default=1)
+    latent = (config.batch_size, *data.latents.shape[1:])
+    return memory.working_set(dm, family_of(model), targets, variant=config.variant, rank=config.rank,
+                              optimizer_copies=optim.STATE_COPIES[config.optimizer], latent_shape=latent,
+                              context_tokens=context, compute_dtype=compute, checkpointing=checkpointing,
+                              streamed=memory.streamable(dm))
 
 
 def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.TrainingState | None = None,
@@ -240,10 +251,11 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
         log.info("T-LoRA Train: gradient checkpointing forced on (%s blocks update in place)",
                  family.label)
     targets = find_targets(dm, family, config.scope)
+    need = run_working_set(patcher, targets, config, data, checkpointing)
+    log.info("T-LoRA Train: %s", need.describe())
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-            memory_required=working_set_bytes(targets, config),
-            max_vram_bytes=int(config.max_vram_gb * GIB)) as tp:
+            memory_required=need.total, max_vram_bytes=int(config.max_vram_gb * GIB)) as tp:
         device = tp.load_device
         adapters = AdapterSet(targets, config.variant, config.rank, config.seed, config.ortho_mode).to(device)
         optimizer = _optimizer(adapters, config, device)
