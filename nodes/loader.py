@@ -19,6 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from ..tlora_core import families
+from ..tlora_core.base_weight import BaseWeights
 from ..tlora_core.files.check import TLoRAFileError
 from ..tlora_core.files.read import load_tlora_file
 from ..tlora_core.inventory import inventory_from_module, linear_modules
@@ -54,14 +55,17 @@ def lora_path(lora_name: str) -> str:
     return path
 
 
-def base_weights(patcher) -> dict[str, torch.Tensor]:
-    """``{module path: weight}`` of the diffusion model's Linears as loaded, without patches that
-    ComfyUI may have merged into them in place (LyCORIS files rebuild factors from these)."""
-    out = {}
+def base_weights(patcher) -> BaseWeights:
+    """``{module path: float32 weight}`` of the diffusion model's Linear-like layers, dequantized when
+    first read (classic fp8 up-cast, ComfyUI's QuantizedTensor, 0.3.75's scale_weight, GGUF blocks),
+    without the patches of other LoRAs: ComfyUI's backup of a weight it merged patches into, and a
+    GGUF weight's own value without the patches ComfyUI-GGUF hangs on it. LyCORIS files rebuild their
+    frozen factors from these; ``.storage(path)`` says how each layer's weight is stored."""
+    layers = {}
     for name, module in linear_modules(patcher.model.diffusion_model).items():
         backup = patcher.backup.get(f"diffusion_model.{name}.weight")
-        out[name] = backup.weight if backup is not None else module.weight
-    return out
+        layers[name] = (module, backup.weight if backup is not None else module.weight)
+    return BaseWeights(layers)
 
 
 def schedule_ranks(weights: TLoRAWeights) -> set[int]:

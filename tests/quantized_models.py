@@ -290,6 +290,10 @@ def float_twin(model, family: str, config: dict[str, Any]):
                 raise AssertionError(f"{name}: the loaded model holds {tuple(value.shape)}, the twin "
                                      f"{tuple(param.shape)}")
             param.copy_(value)
+            # As the weights a quantized layer computes with (fresh tensors): F.linear on a strided
+            # input takes another matmul path for a weight that requires grad (0.3.75's FLUX feeds
+            # such views), which rounds differently.
+            param.requires_grad_(False)
         buffers = dict(source.named_buffers())
         for name, buffer in twin.model.diffusion_model.named_buffers():
             buffer.copy_(buffers[name].float())
