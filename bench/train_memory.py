@@ -1,8 +1,11 @@
-"""Peak training memory of real-size SDXL and FLUX.1-dev: a model computed on torch's meta device.
+"""Peak training memory of every family at real size: a model computed on torch's meta device.
 
 ``predict(family, image=..., checkpointing=..., attention=..., device=...)`` gives the peak tensor
-memory of a steady-state T-LoRA training step (AdamW's moments exist) and its parts. Computed
-exactly from the real module shapes (meta device, no weights):
+memory of a steady-state T-LoRA training step (AdamW's moments exist) and its parts, for any
+family of the pack (its real config, its recipe's variant and rank on its attention layers, the
+text length of :data:`TEXT_TOKENS`; Krea 2 and Anima need ComfyUI 0.33). Computed exactly from the
+real module shapes (meta device, no weights), running the model as a training run does (ComfyUI's
+training flags, the family's runtime fixes, ComfyUI's PyTorch attention in every model module):
 
 - base weights (params x bytes of the base dtype) and the adapters' persistent state (fp32
   trainable factors, AdamW's two moments, the Ortho variants' frozen init: ``adapter_memory``);
@@ -32,6 +35,8 @@ their gradients + the parameters' gradients, built by the Ortho factors' backwar
 the optimizer step. Measured against real-size CPU runs by ``bench/measure_memory.py``.
 
 Estimated, for ``device="gpu"`` only: the CUDA context and allocator slack (1 GiB).
+``bench/fit_gpu.py`` builds on this model: ComfyUI's partial loading (resident and streamed
+weights, offload buffers) for every family on 8-32 GB cards.
 
     python bench/train_memory.py  ->  bench/results/train_memory.json (git-ignored)
 """
