@@ -75,6 +75,22 @@ class Run:
     pair: str | None = None       # floor: the T-LoRA run with the same load
 
 
+HOW = {
+    "streamed_per_step_gib": "counted: every forward call of a layer ComfyUI left streaming adds its stored bytes "
+                             "(module_size), per optimizer step; expected: each streamed layer's bytes twice inside a "
+                             "checkpointed block (forward and recomputation), once outside",
+    "peak_allocated_gib": "PyTorch's allocator peak during the run, the ballast and what was allocated before it "
+                          "taken out",
+    "budget_gib": "what ComfyUI is made to see free (GPU: ballast, T-LoRA Train automatic) or max_vram_gb (CPU); "
+                  "scaled to this model, see setup and budgets",
+    "adapters_vs": "largest absolute difference of every adapter factor from the named full-load run; "
+                   "baseline_adapter_max_diff: full_again against full",
+    "tlora/floor": "the T-LoRA run's s/step over the bare frozen model's forward + backward to the input, same load",
+    "automatic": "present when the automatic run ran out of device memory: the run was repeated with max_vram_gb "
+                 "leaving training.memory's working set free (max_vram_gb says what)",
+}
+"""What the part's figures are (written into the JSON)."""
+
 FULL_LOAD = {"float": "full", "fp8_scaled": "fp8_scaled_full", "gguf": "gguf_full"}
 """Each base's full-load T-LoRA run: its budgets come from it."""
 
@@ -509,6 +525,7 @@ def check(out: dict, *, tiny: bool, steps: int, folder: Path, latents, positive,
                 "gguf": GGUF_TYPE if gguf else "not provisioned (ComfyUI-GGUF)", **fractions,
                 "seconds_by_step": seconds}
 
+    out["how"] = HOW
     budget.run(out, "streaming", "setup", setup, estimate_s=estimate("setup"))
     save()
     if out["setup"]["status"] != "ran":
@@ -584,5 +601,6 @@ def table(out: dict) -> list[str]:
             f"{name:30} {f(r['budget_gib'], '6.2f')} {f(r['comfy_free_gib'], '6.1f')} {f(r['resident_gib'], '8.2f')} "
             f"{f(r['streamed_per_step_gib']['counted'], '8.2f')} {f(r['peak_allocated_gib'], '6.2f')} "
             f"{f(r['peak/budget'], '8.2f')} {f(r['s_per_step'], '7.3f')} {f(r.get('s/step vs full load'), '7.2f')} "
-            f"{f(r.get('tlora/floor'), '6.2f')} {f(r.get('adapters_vs', {}).get('max_diff'), '12.2e')}")
+            f"{f(r.get('tlora/floor'), '6.2f')} {f(r.get('adapters_vs', {}).get('max_diff'), '12.2e')}"
+            + (f"  automatic: out of memory; max_vram_gb {r['max_vram_gb']:.2f}" if "automatic" in r else ""))
     return lines
