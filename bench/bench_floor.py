@@ -225,6 +225,21 @@ def profile_tlora(model, latents, positive, tlora: dict, **config) -> list[tuple
     return _top(prof)
 
 
+def weight_copy_s(model, repeats: int = 5) -> float:
+    """CPU seconds to copy every comfy-op layer's weight and bias once: what each forward of a
+    T-LoRA step pays beyond the floor for handing autograd a copy of each weight (ComfyUI's cast
+    with a weight function copies; a streamed layer's private clone copies once more)."""
+    tensors = [t for m in model.model.diffusion_model.modules() if hasattr(m, "weight_function")
+               for t in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        copies = [t.clone() for t in tensors]
+        times.append(time.process_time() - start)
+        del copies
+    return statistics.median(times)
+
+
 def _median(times: list[tuple[float, float]], which: int) -> float:
     return statistics.median(t[which] for t in times)
 
@@ -289,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "range": [min(per_round), max(per_round)]}
     for key, r in report["ratios"].items():
         log.info("%s: %.3fx (rounds %.3f-%.3f)", key, r["median"], *r["range"])
+    report["weight_copy_cpu_s"] = weight_copy_s(plain)
+    log.info("copying every weight once: %.2f s CPU", report["weight_copy_cpu_s"])
     if args.profile:
         report["profile"] = {"floor": profile_floor(plain, raw, False),
                              "floor:checkpointed": profile_floor(plain, raw, True)}

@@ -171,15 +171,15 @@ def test_meta_partial_load_picks_what_comfyui_picks_on_a_real_model(comfy, monke
     SDXL with real weights on the CPU, ComfyUI's load keeps the same layers resident."""
     import comfy.model_management as mm
     import torch
-    from comfyui_tlora.training.prepare import _is_comfy_op, streams
+    from comfyui_tlora.training import memory
 
     fit = _bench("fit_gpu")
     patcher = comfy.build_model("sdxl", TINY_SDXL_CONFIG)
     budget = patcher.model_size() // 2
     monkeypatch.setattr(mm, "NUM_STREAMS", fit.NUM_STREAMS)
     patcher.load(torch.device("cpu"), lowvram_model_memory=budget)
-    real = {n for n, m in patcher.model.diffusion_model.named_modules()
-            if _is_comfy_op(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and streams(m)}
+    real = set(memory.streaming(patcher.model.diffusion_model))
+    assert real < set(memory.streamable(patcher.model.diffusion_model))
     meta = fit.comfy_load("sdxl", torch.float32, budget, TINY_SDXL_CONFIG, compute_dtype=torch.float32)
     assert real and set(meta["streamed"]) == real
     assert meta["resident_bytes"] == patcher.model.model_loaded_weight_memory

@@ -250,6 +250,14 @@ def streamable(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
             if hasattr(m, "comfy_cast_weights") and isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
+def streaming(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers ComfyUI's last load of the model left streaming (:func:`training.prepare.streams`):
+    ``streamed`` for the working set of the run as loaded (its log line)."""
+    from .prepare import streams
+
+    return {name: m for name, m in streamable(diffusion_model).items() if streams(m)}
+
+
 def working_set(diffusion_model: torch.nn.Module, family: Family, targets: list[TrainTarget], *,
                 variant: str, rank: int, optimizer_copies: int, latent_shape: tuple[int, ...],
                 context_tokens: int, compute_dtype: torch.dtype, checkpointing: bool,
