@@ -15,7 +15,10 @@
 - LyCORIS ``tlora``: ``lycoris_<diffusers name with _>.{q_layer.weight,p_layer.weight,lambda_layer,
   alpha}``, ``y = W x + alpha/r * (P diag(lambda m) Q - P0 diag(lambda0 m) Q0) x``. P0, Q0, lambda0
   are not stored; LyCORIS recomputes them on load as the top-r SVD of the current base weight
-  (its default ``sig_type="principal"`` init), and so does :func:`read_lycoris`.
+  (its default ``sig_type="principal"`` init), and so does :func:`read_lycoris`, from the weights
+  as the base computes with them (dequantized: ``tlora_core.base_weight``). On a rounded base
+  (fp8, int8, nvfp4, mxfp8, GGUF Q-types) that rebuild is off, and a second warning says by how
+  much it is expected to be and how to convert the file exactly (:mod:`tlora_core.rounded_base`).
 
 These files carry no schedule: ``min_rank`` / ``power`` come from the caller (default
 :func:`tlora_core.schedule.default_min_rank`, recorded as a warning, and power 1).
@@ -32,6 +35,7 @@ import torch
 from .. import families
 from ..families import Family, ReferenceFiles
 from ..inventory import Inventory, Target
+from ..rounded_base import LayerCase, measured_names, rounded_base_warning, rounding_sensitivity
 from ..weights import TLoRAWeights
 from .check import TLoRAFileError
 from .collect import AdapterCollector, as_f32, pair_factors
@@ -44,9 +48,8 @@ LYCORIS_WARNING = (
     "subtracts; they were recomputed here, as LyCORIS itself does on load, as the top-{rank} SVD "
     "of this model's base weights. That is exact only for LyCORIS's default init "
     "(sig_type='principal', use_data_init=True) and only if these base weights are bit-identical "
-    "to those the training started from (e.g. fp32 then and now): a base held in another "
-    "precision (bf16/fp16/fp8) moves the recomputed factors (about 2% error), and a file trained "
-    "with another init ('last', 'middle', or a random matrix) gives a wrong result.")
+    "to those the training started from (the same file, in the same precision, then and now); a "
+    "file trained with another init ('last', 'middle', or a random matrix) gives a wrong result.")
 
 
 def reference_spellings() -> dict[str, tuple[Family, ReferenceFiles]]:
@@ -200,6 +203,8 @@ def read_lycoris(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         raise TLoRAFileError(
             f"{source}: LyCORIS T-LoRA files do not store their frozen base factors; they are "
             "recomputed from the model's base weights, which the caller must pass (base_weights).")
+    storage = getattr(base_weights, "storage", None)   # tlora_core.base_weight.BaseWeights
+    measured, cases, rounded, steps = measured_names(list(groups)), [], [], {}
     ranks = set()
     for name, params in groups.items():
         where = f"lycoris_{name}"
@@ -217,7 +222,8 @@ def read_lycoris(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         if target.module not in base_weights:
             raise TLoRAFileError(f"{source}: no base weight given for module '{target.module}' "
                                  f"(needed to rebuild the frozen factors of '{where}').")
-        q0, p0, lam0 = lycoris_base_factors(_named_weight(base_weights[target.module], target), r)
+        weight = _named_weight(base_weights[target.module], target)
+        q0, p0, lam0 = lycoris_base_factors(weight, r)
         alpha = float(params["alpha"]) if "alpha" in params else 0.0
         scale = (alpha if alpha else r) / r     # LyCORIS: alpha None or 0 means alpha = rank
         if p.shape[1] != r or lam.numel() != r:
@@ -228,6 +234,20 @@ def read_lycoris(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         up = torch.cat([p * (lam.reshape(1, r) * scale), -(p0 * (lam0.reshape(1, r) * scale))], dim=1)
         b.add(target, name, down, up, parts=2, schedule=b.schedule(r, min_rank, power))
         ranks.add(r)
+        kind = storage(target.module) if storage is not None else None
+        if kind is not None and kind.rounded:
+            rounded.append(kind.label)
+            if name in measured:
+                if target.module not in steps:
+                    steps[target.module] = kind.step(base_weights[target.module])
+                step = steps[target.module]
+                cases.append(LayerCase(name, weight, None if step is None else _named_weight(step, target),
+                                       (p * (lam.reshape(1, r) * scale)) @ q,
+                                       (p0 * (lam0.reshape(1, r) * scale)) @ q0, r, scale))
     if ranks:
-        b.warnings.append(f"{source}: " + LYCORIS_WARNING.format(rank="/".join(map(str, sorted(ranks)))))
+        rank = "/".join(map(str, sorted(ranks)))
+        b.warnings.append(f"{source}: " + LYCORIS_WARNING.format(rank=rank))
+        if rounded:
+            b.warnings.append(rounded_base_warning(source, rounded, rank,
+                                                   rounding_sensitivity(cases, len(rounded))))
     return b.finish(sd, "tlora", "lycoris")
