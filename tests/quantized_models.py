@@ -174,11 +174,13 @@ def params(families: tuple[str, ...] = tuple(FAMILIES), layouts: tuple[str, ...]
 
 
 def gguf_pack_dir() -> Path | None:
-    """ComfyUI-GGUF's folder: ``$TLORA_COMFYUI_GGUF``, the one scripts/setup_runtime.sh unpacks beside
-    the ComfyUI tree, or the ComfyUI's ``custom_nodes/ComfyUI-GGUF``; None when there is none."""
+    """ComfyUI-GGUF's folder: ``$TLORA_COMFYUI_GGUF`` when set (only that), else the one
+    scripts/setup_runtime.sh unpacks beside the ComfyUI tree, else the ComfyUI's
+    ``custom_nodes/ComfyUI-GGUF``; None when there is none."""
     root = comfy_runtime.comfyui_root()
-    candidates = [os.environ.get("TLORA_COMFYUI_GGUF"), root.parent / "ComfyUI-GGUF",
-                  root / "custom_nodes" / "ComfyUI-GGUF"]
+    chosen = os.environ.get("TLORA_COMFYUI_GGUF")
+    candidates = [chosen] if chosen is not None else [root.parent / "ComfyUI-GGUF",
+                                                      root / "custom_nodes" / "ComfyUI-GGUF"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "nodes.py").is_file():
             return Path(candidate)
@@ -191,8 +193,9 @@ def require_gguf() -> None:
     if gguf_pack_dir() is not None:
         return
     why = ("ComfyUI-GGUF is not provisioned: scripts/setup_runtime.sh unpacks it from "
-           "../shared/runtimes/ComfyUI-GGUF-795e451.tar.gz, which this checkout does not have")
-    if os.environ.get("CI"):
+           "../shared/runtimes/ComfyUI-GGUF-795e451.tar.gz (or $TLORA_RUNTIMES/...), which this "
+           "checkout does not have")
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(why + " (CI must have it)")
     pytest.skip(why)
 

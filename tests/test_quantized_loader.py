@@ -8,11 +8,11 @@ latent (3 steps, CFG 2: masks of several ranks) equals the twin's bit for bit. W
 (``Layout.inexact_on``):
 
 - int8 tensorwise: comfy_kitchen's CPU backend runs a real int8 matmul that also quantizes the
-  activations, so the int8 model differs from its twin with or without a T-LoRA (measured 0.3-1%
-  of the latent's scale, one step). Checked on one step at CFG 1 (rounding noise compounds over
-  steps): with the T-LoRA the difference stays within twice the base's own, and the T-LoRA's change
-  of the latent matches the twin's change within 35% (RMS; measured 4-16%), where a missing or
-  doubled adapter is off by 100%.
+  activations, so the int8 model differs from its twin with or without a T-LoRA (measured 6e-5 to
+  1e-2 of the latent's scale, one step). Checked on one step at CFG 1 (rounding noise compounds
+  over steps): with the T-LoRA the difference stays within twice the base's own (measured 0.83 to
+  1.29 times), and the T-LoRA's change of the latent matches the twin's change within 35% (RMS;
+  measured 4-16%), where a missing or doubled adapter is off by 100%.
 - 0.3.75's legacy scaled fp8 Linear scales the input instead of the weight: float32 rounding of the
   base layers (measured up to 3.2e-7 of the latent's scale); bound 2e-6.
 """
