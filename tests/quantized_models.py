@@ -155,16 +155,18 @@ def runs_here(family: str, layout: str, version: str | None = None) -> bool:
 
 
 def params(families: tuple[str, ...] = tuple(FAMILIES), layouts: tuple[str, ...] = tuple(LAYOUTS),
-           exact_only: bool = False) -> list:
+           exact_only: bool = False, detected_only: bool = False) -> list:
     """``pytest.param((family, layout))`` for each pair, marked with the runtimes that load the layout
     (``tests/conftest.py`` deselects them elsewhere; ``exact_only``: and where its output is the
-    twin's bit for bit), id ``family-layout``."""
+    twin's bit for bit; ``detected_only``: and whose detection reads the tiny family unaided), id
+    ``family-layout``."""
     out = []
     for family in families:
         for layout in layouts:
             spec = LAYOUTS[layout]
             runtimes = tuple(v for v in spec.runtimes if v in family_configs.TINY[family].runtimes
-                             and not (exact_only and v in spec.inexact_on))
+                             and not (exact_only and v in spec.inexact_on)
+                             and not (detected_only and v not in FAMILIES[family].detected_on))
             out.append(pytest.param((family, layout), id=f"{family}-{layout}",
                                     marks=pytest.mark.runtimes(*runtimes)))
     return out

@@ -185,3 +185,51 @@ def test_the_stock_lora_loader_still_applies_to_the_quantized_base(comfy, loader
         unpatched = sample(base.model, family)
         sample(stock, family)
     assert torch.equal(sample(base.model, family), unpatched)   # the stock patches came off again
+
+
+@pytest.mark.parametrize("case", qm.params(families=("flux", "sd3"), layouts=("fp8_scaled_header", "nvfp4",
+                                                                               "gguf_q4_k"), detected_only=True))
+def test_a_prompt_loads_the_quantized_file_and_applies_the_tlora(comfy, loras_dir, case):
+    """The whole graph in ComfyUI's executor, from the file: Load Diffusion Model (or Unet Loader
+    (GGUF)) -> T-LoRA Loader -> KSampler, with a Schedule Preview on the same MODEL. Families whose
+    tiny shapes ComfyUI's detection reads on this runtime only (no answer is supplied)."""
+    family, layout = case
+    base = qm.load(family, layout)
+    assert base.detected
+    name = ql.write_tlora(base, loras_dir, "tlora.safetensors")
+    spec = qm.LAYOUTS[layout]
+    if spec.loader == "gguf":
+        qm.gguf_loader_class()
+        source = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": base.path.name}}
+    else:
+        source = {"class_type": "UNETLoader", "inputs": {"unet_name": base.path.name,
+                                                         "weight_dtype": spec.weight_dtype}}
+
+    def prompt(with_tlora: bool) -> dict:
+        model = ["2", 0] if with_tlora else ["1", 0]
+        return {
+            "1": source,
+            "2": {"class_type": "TLoRALoader", "inputs": {
+                "model": ["1", 0], "lora_name": name, "strength_model": 1.0, "min_rank": -1,
+                "schedule_power": 0.0, "schedule_ordinary_lora": False}},
+            "3": {"class_type": "TLoRATestTinyClipLoader", "inputs": {"family": family}},
+            "4": {"class_type": "TLoRATestTinyTextEncode", "inputs": {"clip": ["3", 0], "text": "a sks dog"}},
+            "5": {"class_type": "TLoRATestTinyTextEncode", "inputs": {"clip": ["3", 0], "text": "blurry"}},
+            "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+            "7": {"class_type": "KSampler", "inputs": {
+                "model": model, "seed": 3, "steps": STEPS, "cfg": 2.0, "sampler_name": "euler",
+                "scheduler": "normal", "positive": ["4", 0], "negative": ["5", 0], "latent_image": ["6", 0],
+                "denoise": 1.0}},
+            "8": {"class_type": "TLoRASchedulePreview", "inputs": {
+                "model": ["1", 0], "steps": 10, "scheduler": "simple", "denoise": 1.0, "lora_name": name,
+                "rank": 16, "min_rank": -1, "schedule_power": 0.0}},
+            "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+        }
+
+    latents = {}
+    for with_tlora in (True, False):
+        executor, _ = comfy_runtime.run_prompt(prompt(with_tlora), outputs=["7", "9"])
+        assert executor.success, executor.status_messages
+        latents[with_tlora] = comfy_runtime.node_output(executor, "7")["samples"]
+    assert torch.isfinite(latents[True]).all()
+    assert not torch.equal(latents[True], latents[False])
