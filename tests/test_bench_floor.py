@@ -17,7 +17,11 @@ def _script():
     spec = importlib.util.spec_from_file_location("bench_floor", REPO / "bench" / "bench_floor.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    saved = list(sys.path)   # the script puts the repository first: its nodes/ would shadow ComfyUI's
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 

@@ -30,7 +30,11 @@ def _bench(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    saved = list(sys.path)   # a bench script puts the repository first: its nodes/ would shadow ComfyUI's
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
     return module
 
 
