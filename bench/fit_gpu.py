@@ -5,10 +5,9 @@ compute, checkpointing on) with a bf16 and an fp8 base, on NVIDIA cards of 8 / 1
 (GiB of memory), this follows what T-LoRA Train does on a GPU and projects what the step then
 needs:
 
-1. the working set it asks ComfyUI to leave free (``training.memory.working_set``, the trainer's
-   own estimate): for a full load, or, when the weights and that do not fit the free memory, the
-   working set of a load that may stream (``streamed=streamable(model)``: offload buffers for the
-   largest layers);
+1. the working set it asks ComfyUI to leave free: ``training.memory.working_set`` as
+   ``training.loop.run_working_set`` calls it, before ComfyUI has chosen what streams (every layer
+   counted as streamable: offload buffers for the largest layers);
 2. ComfyUI's own loader decides: ``load_models_gpu(memory_required=W, force_full_load=False)``
    keeps ``free - max(minimum_inference_memory, W + extra_reserved_memory)`` bytes of weights,
    and ``ModelPatcher.load`` picks the resident layers (largest first, with its own cast-buffer
@@ -119,8 +118,7 @@ def fit(family: str, card_gb: int, base: torch.dtype, need: dict[str, float], as
 
     card = card_gb * GIB
     free = card - CUDA_CONTEXT_GIB * GIB
-    full = asked["model_bytes"] + asked["full"].total + mm.extra_reserved_memory() <= free
-    ws = asked["full"] if full else asked["streaming"]
+    ws = asked["working_set"]
     budget = max(0.0, free - max(mm.minimum_inference_memory(), ws.total + mm.extra_reserved_memory()))
     load = comfy_load(family, base, budget or 0.1, config)   # ComfyUI's own floor: 0.1 byte
     buffers = memory.offload_buffers(load["streamed"], train_memory.COMPUTE_DTYPE, NUM_STREAMS)
@@ -138,16 +136,15 @@ def fit(family: str, card_gb: int, base: torch.dtype, need: dict[str, float], as
 
 
 def working_sets(family: str, base: torch.dtype, config: dict | None = None) -> dict:
-    """The model's size in ComfyUI's count and the two working sets the trainer may ask for: a
-    full load's, and that of a load that may stream (:func:`training.memory.streamable`)."""
+    """The model's size in ComfyUI's count and the working set the trainer asks for, with every
+    layer streamable (:func:`training.memory.streamable`), as ``training.loop`` asks."""
     import comfy.model_patcher
     from comfyui_tlora.training import memory
 
     model = train_memory.meta_model(family, config, base, train_memory.COMPUTE_DTYPE)
     size = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("meta"),
                                             offload_device=torch.device("meta")).model_size()
-    return {"model_bytes": size, "full": estimate(family, {}, config),
-            "streaming": estimate(family, memory.streamable(model.diffusion_model), config)}
+    return {"model_bytes": size, "working_set": estimate(family, memory.streamable(model.diffusion_model), config)}
 
 
 def family_fits(family: str, config: dict | None = None) -> dict:
