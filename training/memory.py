@@ -21,10 +21,13 @@ resident, i.e. what T-LoRA Train asks ComfyUI to leave free (``load_models_gpu(m
   largest streamed layers in their stored dtype, plus the conversion of one to the compute dtype
   when they are stored in another (an fp8 base);
 - ``slack``: an allowance, not a computed part: :data:`SLACK_FLOOR` plus :data:`SLACK_FRACTION`
-  of the transient parts (activations, recompute, offload buffers). It covers the block
-  estimate's error (checked against ``bench/train_memory.py``'s exact meta-device computation for
-  every family: within +-25% per block), the caching allocator's fragmentation and the small
-  tensors left out (latents, noise, conditioning, the loss).
+  of the transient parts (activations, recompute, offload buffers). It covers the estimate's
+  error (against ``bench/train_memory.py``'s exact meta-device computation, every family at its
+  recipe, 1024 x 1024: a block's kept tensors -22% to +18%, the largest recomputation -11% to
+  +29%, the forward's kept tensors -6% to +24%; ``tests/test_memory_plan.py``), the caching
+  allocator's fragmentation and the small tensors left out (latents, noise, conditioning, the
+  loss). The parts are summed although their peaks fall at different moments of a step, so the
+  total is an upper bound of the exact model's need (7-30% over it before the slack).
 
 The block estimate, per layer (Linear-like or convolution) running on ``n`` tokens with ``s``-byte
 compute dtype: ``n * (in + out) * s``, the layer's input and output once, standing for what the
@@ -34,7 +37,10 @@ factor width, twice the rank for the Ortho variants). A layer's tokens come from
 names: per-sample modulations run on one (and keep nothing: their input needs no gradient), text
 streams and cross-attention keys / values on the conditioning's tokens, the image stream on the
 latent's patches (plus the text tokens in single-stream blocks, :data:`JOINT_BLOCKS`), a UNet's
-levels on its latent halved per level. Layers that run before the first adapter keep nothing.
+levels on its latent halved per level. Layers no gradient reaches keep nothing: blocks before the
+first block with an adapter, and outside the blocks all but a UNet's layers between its blocks
+(after the first adapter) and the output projection (embedders and text encoders run first,
+wherever module order puts them).
 """
 
 from __future__ import annotations
