@@ -9,13 +9,18 @@ MODEL is therefore built by ComfyUI's loader: its ops classes (``MixedPrecisionO
 ModelPatcher class are what a user's are.
 
 Detection. ComfyUI's model detection reads real-size shapes; where it cannot read a family's
-tiny shapes (SDXL and Qwen-Image everywhere, FLUX and FLUX.2 on 0.3.75, which fix 24 / 48
-heads), only its answer
-(the unet config and model class) is supplied, by replacing ``detect_unet_config`` and
-``model_config_from_unet_config`` for the duration of the load; every other step (quantization
-metadata, scaled_fp8, dtypes, ops, weight loading) is ComfyUI's. :attr:`QuantizedBase.detected`
-says which happened. FLUX and FLUX.2 use tiny configs with 128-wide heads, which 0.33's detection
-reads; SD3's tiny config is read by both.
+tiny shapes (SDXL and Qwen-Image everywhere, FLUX and FLUX.2 on 0.3.75, which fix 24 / 48 heads),
+only its answer (the unet config and model class) is supplied, by replacing
+``detect_unet_config`` and ``model_config_from_unet_config`` for the duration of the load; every
+other step (quantization metadata, scaled_fp8, dtypes, ops, weight loading) is ComfyUI's.
+:attr:`QuantizedBase.detected` says which happened. FLUX and FLUX.2 use tiny configs with
+128-wide heads, which 0.33's detection reads; SD3's tiny config is read by both.
+
+Which layers are quantized: every Linear of ComfyUI's ops (:func:`quantizable_linears`); for
+nvfp4 only those inside blocks (detection reads input widths from the embedders' stored shapes,
+which nvfp4 halves). GGUF: 2-D Linear weights in the file's type where its blocks fit the rows,
+else Q8_0 (``quantized_files.gguf_type_for``; the tiny SDXL / Qwen-Image / SD3 attention layers
+are too narrow for Q4_K's 256-wide blocks); everything else F32.
 
 The twin. :attr:`QuantizedBase.twin` is a float32 model of the same family and config whose every
 parameter is the value the quantized model computes with: Linear weights dequantized as
