@@ -14,7 +14,7 @@ never imports ComfyUI:
 - :func:`storage_of`: a :class:`Storage`, naming the storage and, where it is known, a model of its
   rounding step (:meth:`Storage.step`: the spacing of representable values around each weight).
 - :class:`BaseWeights`: a lazy ``{module path: float32 weight}`` mapping over a model's layers
-  (nothing is dequantized until asked: a real base holds billions of weights), with
+  (a layer is dequantized when asked and not kept: a real base holds billions of weights), with
   :meth:`BaseWeights.storage`.
 """
 
@@ -190,21 +190,20 @@ def storage_of(module: torch.nn.Module, tensor: torch.Tensor | None = None) -> S
 
 
 class BaseWeights(Mapping[str, torch.Tensor]):
-    """``{module path: float32 weight}`` of a model's Linear layers, dequantized on first access.
+    """``{module path: float32 weight}`` of a model's Linear layers, dequantized on each access.
 
     ``layers`` maps each path to ``(module, stored weight)``: the stored weight is the module's own or
-    a backup of it taken before ComfyUI merged patches into it. Values are cached per path.
+    a backup of it taken before ComfyUI merged patches into it. Nothing is kept: a reader holds one
+    layer's float32 copy at a time, never the whole model's (a float32 weight is the parameter
+    itself, no copy).
     """
 
     def __init__(self, layers: Mapping[str, tuple[torch.nn.Module, torch.Tensor]]) -> None:
         self._layers = dict(layers)
-        self._values: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._values:
-            module, tensor = self._layers[name]
-            self._values[name] = parameter_value(module, "weight", tensor)
-        return self._values[name]
+        module, tensor = self._layers[name]
+        return parameter_value(module, "weight", tensor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layers)

@@ -14,11 +14,13 @@ int8, nvfp4, mxfp8, GGUF Q-types) it gives ``D(Wq) = D(W0) + E`` with the error
 ``E`` cannot be measured at load time: ``W0`` is not in the model. What is measured instead, by
 :func:`rounding_sensitivity`, is how far the rebuilt term moves when every weight of *this* base
 moves at random within its own rounding step (:meth:`tlora_core.base_weight.Storage.step`, uniform
-in +-step/2, the distribution of a round-to-nearest error): ``s * ||F(Wq + N) - F(Wq)||_F``,
+in +-step/2, the distribution of a round-to-nearest error; :func:`layer_sensitivity`):
+``s * ||F(Wq + N) - F(Wq)||_F``,
 relative to this file's change on this base ``||D(Wq)||_F``, per layer. Rounding ``W0`` to ``Wq``
 is one such move, so the figure is the size ``E`` is expected to have, not ``E`` itself; the
 warning says so. Only the trained factors and ``Wq`` enter it, so it costs one SVD per measured
-layer (at most :data:`MEASURED_LAYERS`, spread over the file's layers: :func:`measured_names`).
+layer (at most :data:`MEASURED_LAYERS`, spread over the file's layers: :func:`measured_names`),
+measured as each layer is read, so no more than one layer's matrices are held at a time.
 """
 
 from __future__ import annotations
@@ -71,31 +73,34 @@ def top_r_term(weight: torch.Tensor, rank: int) -> torch.Tensor:
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def measured_names(names: list[str], max_layers: int = MEASURED_LAYERS) -> set[str]:
-    """The layers :func:`rounding_sensitivity` measures: up to ``max_layers`` of ``names`` in name
-    order, evenly spread (first and last included)."""
-    ordered = sorted(names)
+def measured_names(names: list[str], max_layers: int = MEASURED_LAYERS) -> list[str]:
+    """The layers :func:`layer_sensitivity` measures: up to ``max_layers`` of ``names`` in name order,
+    evenly spread (first and last included)."""
+    ordered = sorted(set(names))
     if len(ordered) <= max_layers:
-        return set(ordered)
-    return {ordered[round(i * (len(ordered) - 1) / (max_layers - 1))] for i in range(max_layers)}
+        return ordered
+    return sorted({ordered[round(i * (len(ordered) - 1) / (max_layers - 1))] for i in range(max_layers)})
 
 
-def rounding_sensitivity(cases: list[LayerCase], layers: int, seed: int = 0) -> Sensitivity | None:
-    """The figure described in the module docstring over ``cases`` (the measured layers of the
-    file's ``layers`` rounded ones) that have a rounding model; None when none has one.
-    Deterministic: each layer's perturbation is drawn from ``seed`` and its name order."""
-    usable = sorted((c for c in cases if c.step is not None), key=lambda c: c.name)
-    if not usable:
+def layer_sensitivity(case: LayerCase, seed: int) -> float:
+    """``s ||F(Wq + N) - F(Wq)|| / ||D(Wq)||`` of one layer (module docstring), ``N`` uniform in
+    +-step/2 drawn from ``seed``. Raises ValueError for a case without a rounding model."""
+    if case.step is None:
+        raise ValueError(f"layer {case.name}: its storage has no rounding model")
+    gen = torch.Generator().manual_seed(seed)
+    noise = (torch.rand(case.weight.shape, generator=gen) - 0.5) * case.step
+    moved = case.scale * top_r_term(case.weight + noise, case.rank)
+    change = torch.linalg.norm(case.trained - case.rebuilt)
+    return float(torch.linalg.norm(moved - case.rebuilt) / change.clamp(min=1e-30))
+
+
+def summarize(ratios: list[float], layers: int) -> Sensitivity | None:
+    """The median and largest of the measured ``ratios`` of a file's ``layers`` rounded layers;
+    None when none was measured (no storage with a rounding model)."""
+    if not ratios:
         return None
-    ratios = []
-    for i, case in enumerate(usable):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        noise = (torch.rand(case.weight.shape, generator=gen) - 0.5) * case.step
-        moved = case.scale * top_r_term(case.weight + noise, case.rank)
-        change = torch.linalg.norm(case.trained - case.rebuilt)
-        ratios.append((torch.linalg.norm(moved - case.rebuilt) / change.clamp(min=1e-30)).item())
-    ratios.sort()
-    return Sensitivity(ratios[len(ratios) // 2], ratios[-1], len(ratios), layers)
+    ordered = sorted(ratios)
+    return Sensitivity(ordered[len(ordered) // 2], ordered[-1], len(ordered), layers)
 
 
 def rounded_base_warning(source: str, storages: list[str], rank: str,

@@ -35,7 +35,7 @@ import torch
 from .. import families
 from ..families import Family, ReferenceFiles
 from ..inventory import Inventory, Target
-from ..rounded_base import LayerCase, measured_names, rounded_base_warning, rounding_sensitivity
+from ..rounded_base import LayerCase, layer_sensitivity, measured_names, rounded_base_warning, summarize
 from ..weights import TLoRAWeights
 from .check import TLoRAFileError
 from .collect import AdapterCollector, as_f32, pair_factors
@@ -204,7 +204,8 @@ def read_lycoris(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
             f"{source}: LyCORIS T-LoRA files do not store their frozen base factors; they are "
             "recomputed from the model's base weights, which the caller must pass (base_weights).")
     storage = getattr(base_weights, "storage", None)   # tlora_core.base_weight.BaseWeights
-    measured, cases, rounded, steps = measured_names(list(groups)), [], [], {}
+    measured = {name: i for i, name in enumerate(measured_names(list(groups)))}
+    rounded, ratios = [], []
     ranks = set()
     for name, params in groups.items():
         where = f"lycoris_{name}"
@@ -237,17 +238,14 @@ def read_lycoris(sd: Mapping[str, torch.Tensor], inventory: Inventory, *,
         kind = storage(target.module) if storage is not None else None
         if kind is not None and kind.rounded:
             rounded.append(kind.label)
-            if name in measured:
-                if target.module not in steps:
-                    steps[target.module] = kind.step(base_weights[target.module])
-                step = steps[target.module]
-                cases.append(LayerCase(name, weight, None if step is None else _named_weight(step, target),
-                                       (p * (lam.reshape(1, r) * scale)) @ q,
-                                       (p0 * (lam0.reshape(1, r) * scale)) @ q0, r, scale))
+            step = kind.step(base_weights[target.module]) if name in measured else None
+            if step is not None:
+                ratios.append(layer_sensitivity(LayerCase(
+                    name, weight, _named_weight(step, target), (p * (lam.reshape(1, r) * scale)) @ q,
+                    (p0 * (lam0.reshape(1, r) * scale)) @ q0, r, scale), seed=measured[name]))
     if ranks:
         rank = "/".join(map(str, sorted(ranks)))
         b.warnings.append(f"{source}: " + LYCORIS_WARNING.format(rank=rank))
         if rounded:
-            b.warnings.append(rounded_base_warning(source, rounded, rank,
-                                                   rounding_sensitivity(cases, len(rounded))))
+            b.warnings.append(rounded_base_warning(source, rounded, rank, summarize(ratios, len(rounded))))
     return b.finish(sd, "tlora", "lycoris")
