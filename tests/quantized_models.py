@@ -131,8 +131,10 @@ FAMILIES: dict[str, FixtureFamily] = {
     "flux2": FixtureFamily({**family_configs.TINY["flux2"].config, **FLUX2_WIDTHS}, ONLY_033, "flux"),
     "flux2_klein": FixtureFamily({**family_configs.TINY["flux2_klein"].config, **FLUX2_WIDTHS}, ONLY_033, "flux"),
 }
-# What :func:`params` covers unless told otherwise (Klein: on request, it shares FLUX.2's layers).
-DEFAULT_FAMILIES = ("flux", "sdxl", "qwen_image", "sd3", "flux2")
+# What :func:`params` covers unless told otherwise; FLUX.2 (and Klein, which shares its layers) on
+# request: WITH_FLUX2.
+DEFAULT_FAMILIES = ("flux", "sdxl", "qwen_image", "sd3")
+WITH_FLUX2 = (*DEFAULT_FAMILIES, "flux2")
 
 
 @dataclass

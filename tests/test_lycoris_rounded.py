@@ -57,7 +57,7 @@ def full_rank(weights) -> dict[tuple[str, tuple | None], torch.Tensor]:
     return {(m, a.out_rows): a.up.double() @ a.down.double() for m, g in weights.adapters.items() for a in g}
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_lycoris_rebuilds_from_the_weights_the_base_computes_with(comfy, loader, loras_dir, case):
     family, layout = case
     base = qm.load(family, layout)
@@ -67,7 +67,7 @@ def test_lycoris_rebuilds_from_the_weights_the_base_computes_with(comfy, loader,
     assert len(on_base.adapters) >= 2
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=("fp8_e4m3fn", "fp8_scaled_keys", "nvfp4", "gguf_q4_k",
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2, layouts=("fp8_e4m3fn", "fp8_scaled_keys", "nvfp4", "gguf_q4_k",
                                                     "gguf_q8_0")))
 def test_the_rebuild_ignores_a_stock_lora_merged_into_or_hung_on_the_base(comfy, loader, loras_dir, case):
     import comfy.model_management
@@ -87,7 +87,7 @@ def test_the_rebuild_ignores_a_stock_lora_merged_into_or_hung_on_the_base(comfy,
     assert ql.adapters_equal(read(loader, stock, name), alone)
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_the_loader_warns_on_a_rounded_base_with_its_figure(comfy, loader, loras_dir, case, caplog):
     family, layout = case
     base = qm.load(family, layout)
@@ -118,7 +118,7 @@ def test_no_rounded_warning_on_the_full_precision_base(comfy, loader, loras_dir)
     assert any("bit-identical" in w for w in weights.warnings)   # the general LyCORIS caveat stays
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=ROUNDED))
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2, layouts=ROUNDED))
 def test_the_figure_is_the_size_of_the_actual_error(comfy, loader, loras_dir, case):
     """Actual error per layer: ``||D(Wq) - D(W0)|| / ||D(Wq)||`` against the full-precision original
     (which the Loader does not have). Measured on the tiny FLUX (median over its layers, the
@@ -137,7 +137,7 @@ def test_the_figure_is_the_size_of_the_actual_error(comfy, loader, loras_dir, ca
     assert median / 2 <= figure <= 2 * median, (figure, actual)
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=("fp8_e4m3fn", "fp8_scaled_legacy", "int8_tensorwise", "nvfp4",
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2, layouts=("fp8_e4m3fn", "fp8_scaled_legacy", "int8_tensorwise", "nvfp4",
                                                     "mxfp8", "gguf_q4_0", "gguf_q4_k")))
 def test_converted_file_gives_the_full_precision_adapters_on_a_rounded_base(comfy, loader, loras_dir, case):
     family, layout = case

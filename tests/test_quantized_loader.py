@@ -83,7 +83,7 @@ def assert_like_twin(version: str, layout: str, family: str, patched, twin_patch
         assert _relative(got, want) < LEGACY_TOL
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_loader_on_a_quantized_base_equals_the_dequantized_float_model(comfy, loader, loras_dir, case):
     family, layout = case
     base = qm.load(family, layout)
@@ -95,7 +95,7 @@ def test_loader_on_a_quantized_base_equals_the_dequantized_float_model(comfy, lo
     assert patched is not base.model and not base.model.get_injections(holder.key)   # input untouched
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=("fp8_e4m3fn", "fp8_scaled_keys", "fp8_scaled_legacy",
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2, layouts=("fp8_e4m3fn", "fp8_scaled_keys", "fp8_scaled_legacy",
                                                     "int8_tensorwise", "nvfp4", "gguf_q4_k")))
 def test_two_stacked_tloras_on_a_quantized_base(comfy, loader, loras_dir, case):
     family, layout = case
@@ -110,7 +110,7 @@ def test_two_stacked_tloras_on_a_quantized_base(comfy, loader, loras_dir, case):
     assert not torch.equal(sample(patched, family), sample(apply(loader, base.model, first), family))
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=("fp8_e4m3fn", "fp8_scaled_header", "nvfp4", "gguf_q4_0")))
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2, layouts=("fp8_e4m3fn", "fp8_scaled_header", "nvfp4", "gguf_q4_0")))
 def test_schedule_preview_on_a_quantized_model(comfy, preview, loras_dir, case, monkeypatch):
     family, layout = case
     base = qm.load(family, layout)
@@ -152,7 +152,7 @@ def _merged_error(base, stock, adapters) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(merged_err), torch.cat(unmerged_err)
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_the_stock_lora_loader_still_applies_to_the_quantized_base(comfy, loader, loras_dir, case, caplog):
     """ComfyUI's own LoraLoaderModelOnly reads the same file onto the quantized base with every key
     loaded. GGUF keeps the patches beside its blocks and adds them per forward in float: the result

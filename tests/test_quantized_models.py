@@ -39,7 +39,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_the_loader_node_returns_the_layouts_storage(comfy, base_weight, case):
     family, layout = case
     base = qm.load(family, layout)
@@ -70,7 +70,7 @@ def test_the_loader_node_returns_the_layouts_storage(comfy, base_weight, case):
         assert "Q4_K" in base.storage.values()
 
 
-@pytest.mark.parametrize("case", qm.params())
+@pytest.mark.parametrize("case", qm.params(qm.WITH_FLUX2))
 def test_the_twin_samples_like_the_quantized_model(comfy, case):
     family, layout = case
     base = qm.load(family, layout)
@@ -85,7 +85,7 @@ def test_the_twin_samples_like_the_quantized_model(comfy, case):
     assert not torch.equal(twin, full), "the storage rounded nothing"
 
 
-@pytest.mark.parametrize("case", qm.params(layouts=("fp8_scaled_header", "gguf_q4_k"), families=("flux",)))
+@pytest.mark.parametrize("case", qm.params(("flux",), layouts=("fp8_scaled_header", "gguf_q4_k")))
 def test_the_twin_holds_the_dequantized_weights(comfy, base_weight, case):
     family, layout = case
     base = qm.load(family, layout)
