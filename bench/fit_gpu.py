@@ -63,7 +63,7 @@ def comfy_load(family: str, base: torch.dtype, weight_budget: float, config: dic
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
-    from comfyui_tlora.training.prepare import _is_comfy_op, streams
+    from comfyui_tlora.training.layer_weights import is_comfy_op, streams
 
     model = train_memory.meta_model(family, config, base, compute_dtype)
     meta = torch.device("meta")
@@ -78,7 +78,7 @@ def comfy_load(family: str, base: torch.dtype, weight_budget: float, config: dic
         size = patcher.model_size()
         patcher.load(meta, lowvram_model_memory=weight_budget, full_load=weight_budget >= size)
     streamed = {n: m for n, m in model.diffusion_model.named_modules()
-                if _is_comfy_op(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and streams(m)}
+                if is_comfy_op(m) and isinstance(getattr(m, "weight", None), torch.Tensor) and streams(m)}
     return {"model_bytes": size, "resident_bytes": int(model.model_loaded_weight_memory),
             "comfy_buffer_bytes": int(getattr(model, "model_offload_buffer_memory", 0)),
             "streamed": streamed, "streamed_bytes": sum(mm.module_size(m) for m in streamed.values())}

@@ -105,12 +105,15 @@ def _inputs() -> list:
         *_optimizer_inputs(),
         *_validation_inputs(),
         io.Float.Input("max_vram_gb", default=0.0, min=0.0, max=1024.0, step=0.5, optional=True, tooltip=(
-            "Most GPU memory this run may use, weights and training together, in GB. 0 = automatic: "
-            "ComfyUI keeps as many weights on the GPU as fit beside the run's working set and streams "
-            "the rest from system RAM in every step (so a model bigger than the GPU trains, slower). "
-            "Set it to leave room for other programs, or to stream more. The log says what is resident "
-            "and what streams; a run whose working set alone does not fit is refused before it starts. "
-            "The trained T-LoRA is the same either way.")),
+            "Most GPU memory the training steps may use, weights and training together, in GiB. 0 = "
+            "automatic: ComfyUI keeps as many weights on the GPU as fit beside the run's working set "
+            "and streams the rest from system RAM in every step (so a model bigger than the GPU "
+            "trains, slower). Set it to leave room for other programs, or to stream more. Validation "
+            "samples load the model as ComfyUI's sampler always does. The log says what is resident "
+            "and what streams; a run whose working set alone does not fit is refused before it "
+            "starts. The trained T-LoRA is the same either way, unless a LoRA applied before this "
+            "node is merged into a 16-bit or smaller base (ComfyUI rounds resident merged weights, "
+            "not streamed ones).")),
     ]
 
 

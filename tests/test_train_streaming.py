@@ -112,7 +112,7 @@ def test_streaming_turns_gradient_checkpointing_on(residencies, caplog):
     caplog.set_level("INFO")
     _train("sdxl", stream=True, gradient_checkpointing=False)
     assert residencies[-1][0].streamed_layers > 0
-    assert "gradient checkpointing on while weights stream" in caplog.text
+    assert "gradient checkpointing on (weights stream)" in caplog.text
     assert "streamed per forward" in caplog.text
 
 
@@ -186,3 +186,66 @@ def test_reused_cast_buffers_need_the_private_copy(family, reused_cast_buffers, 
     else:
         a, b = _adapters(unprotected), _adapters(full)
         assert any(not torch.equal(a[k], b[k]) for k in a), "the reused buffers did not corrupt gradients"
+
+
+@pytest.mark.parametrize("family", ("sdxl", "flux"))
+def test_resident_layers_compute_on_their_own_storage(family, monkeypatch):
+    """Fully loaded, no layer's weight is copied per forward: every layer computes with a zero-copy
+    alias of the MODEL's inference weight (same storage); streamed, the streamed layers are cast."""
+    import comfy.model_management
+
+    _, prepare, _ = _modules()
+    casts = []
+    real_cast_to = comfy.model_management.cast_to
+
+    def cast_to(weight, *args, **kwargs):
+        out = real_cast_to(weight, *args, **kwargs)
+        # A parameter (not a conditioning) that came back in new memory: a copy.
+        if isinstance(weight, torch.nn.Parameter) and \
+                out.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            casts.append(weight)
+        return out
+
+    monkeypatch.setattr(comfy.model_management, "cast_to", cast_to)
+    seen = []
+    real_begin = prepare.TrainingLoad.load
+
+    def load(self):
+        where = real_begin(self)
+        dm = self.patcher.model.diffusion_model
+        seen.append({n: (m.weight.untyped_storage().data_ptr(), m.weight.is_inference(), list(m.weight_function))
+                     for n, m in dm.named_modules() if prepare.is_comfy_op(m) and m.weight is not None})
+        return where
+
+    monkeypatch.setattr(prepare.TrainingLoad, "load", load)
+    model, latents, positive = th.node_inputs(family)
+    storage = {n: m.weight.untyped_storage().data_ptr() for n, m in model.model.diffusion_model.named_modules()
+               if prepare.is_comfy_op(m) and m.weight is not None}
+    th.train(model, latents, positive, **SETTINGS)
+    assert casts == [], f"{len(casts)} weight copies in a fully loaded run"
+    assert seen[-1].keys() == storage.keys()
+    for name, (ptr, inference, functions) in seen[-1].items():
+        assert ptr == storage[name] and not inference and not functions, name
+    streamed = _train(family, stream=True)
+    assert casts and all(torch.isfinite(torch.tensor(streamed.losses)))
+
+
+def test_a_cap_only_the_checkpointed_working_set_fits_turns_checkpointing_on(caplog):
+    """gradient_checkpointing off, and max_vram_gb between the working sets with and without it:
+    the run trains with checkpointing (what the same run with it on trains), not a refusal."""
+    loop, _, targets = _modules()
+    model, latents, positive = th.node_inputs("sdxl")
+    found = targets.find_targets(model.model.diffusion_model, "sdxl")
+    data = th.training_data(model, latents, positive)
+    config = loop.TrainConfig(**{**SETTINGS, "gradient_checkpointing": False})
+    with_it = loop.run_working_set(model, found, config, data, True).total
+    without = loop.run_working_set(model, found, config, data, False).total
+    assert with_it < without
+    cap = (with_it + without) / 2 / GIB
+    caplog.set_level("INFO")
+    capped = th.train(model, latents, positive, **{**SETTINGS, "gradient_checkpointing": False,
+                                                   "max_vram_gb": cap})
+    assert "gradient checkpointing on: without it the working set" in caplog.text
+    plain = th.train(model, latents, positive, **SETTINGS)
+    assert capped.losses == plain.losses
+    _assert_equal_adapters(capped, plain)

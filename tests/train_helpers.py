@@ -83,6 +83,9 @@ def snapshot(model) -> dict:
         "functions": {n: (len(getattr(m, "weight_function", [])), len(getattr(m, "bias_function", [])))
                       for n, m in dm.named_modules()},
         "forwards": [n for n, m in dm.named_modules() if "forward" in m.__dict__],
+        # ComfyUI's cast / streaming marks: a run must not leave a layer marked as streamed.
+        "casts": {n: (getattr(m, "comfy_cast_weights", None), hasattr(m, "prev_comfy_cast_weights"))
+                  for n, m in dm.named_modules()},
         "manual_cast": model.model.manual_cast_dtype,
     }
 
@@ -91,7 +94,7 @@ def assert_restored(before: dict, model) -> None:
     after = snapshot(model)
     for key, tensor in before["tensors"].items():
         assert torch.equal(tensor, after["tensors"][key]), f"{key} changed"
-    for key in ("objects", "requires_grad", "hooks", "functions", "forwards", "manual_cast"):
+    for key in ("objects", "requires_grad", "hooks", "functions", "forwards", "casts", "manual_cast"):
         assert before[key] == after[key], f"{key} not restored"
 
 

@@ -37,7 +37,7 @@ from . import state as state_io
 from .inputs import TrainingData, family_of
 from .modules import MASKED_VARIANTS, AdapterSet
 from .objective import NativePredictor, draw_noise_levels, noisy_input_and_target, weighted_mse
-from .prepare import trainable_model
+from .prepare import release, trainable_model
 from .targets import find_targets
 
 log = logging.getLogger(__name__)
@@ -252,10 +252,12 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
                  family.label)
     targets = find_targets(dm, family, config.scope)
     need = run_working_set(patcher, targets, config, data, checkpointing)
+    fallback = need if checkpointing else run_working_set(patcher, targets, config, data, True)
     log.info("T-LoRA Train: %s", need.describe())
     with torch.inference_mode(False), torch.enable_grad(), trainable_model(
             patcher, gradient_checkpointing=checkpointing, compute_dtype=COMPUTE_DTYPES[config.compute_dtype],
-            memory_required=need.total, max_vram_bytes=int(config.max_vram_gb * GIB)) as tp:
+            memory_required=need.total, max_vram_bytes=int(config.max_vram_gb * GIB),
+            checkpointed_required=fallback.total) as tp:
         device = tp.load_device
         adapters = AdapterSet(targets, config.variant, config.rank, config.seed, config.ortho_mode).to(device)
         optimizer = _optimizer(adapters, config, device)
@@ -272,6 +274,7 @@ def train(patcher, data: TrainingData, config: TrainConfig, *, resume: state_io.
 
         def validate(done: int, weights: TLoRAWeights) -> None:
             adapters.detach()   # the sample runs the saved-file form, not the training hooks
+            release(tp)         # ComfyUI's own layers for its sampler; the sample reloads the clone
             try:
                 on_validate(done, weights, tp)
             finally:

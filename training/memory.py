@@ -259,7 +259,7 @@ def streamable(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def streaming(diffusion_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The layers ComfyUI's last load of the model left streaming (:func:`training.prepare.streams`):
     ``streamed`` for the working set of the run as loaded (its log line)."""
-    from .prepare import streams
+    from .layer_weights import streams
 
     return {name: m for name, m in streamable(diffusion_model).items() if streams(m)}
 

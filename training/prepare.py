@@ -16,21 +16,20 @@ backward"). :func:`trainable_model` works around that without changing the MODEL
 - it loads the clone under ``torch.inference_mode()``, as ComfyUI's own nodes load models: loaded
   outside it, ComfyUI's quantized layers swap the MODEL's weight Parameters for non-inference
   clones (``ops._quantized_apply``), and the next ComfyUI load of the MODEL fails ("Cannot set
-  version_counter for inference tensor"). The base's weights stay the same objects;
+  version_counter for inference tensor"). The base's weights stay the same tensors;
 - through ComfyUI's partial loading (:class:`LoadPlan`): ``memory_required`` is the run's working
   set, and an optional cap bounds the resident weights (ComfyUI's own ``partially_unload`` trims a
   load that kept more). Layers that do not fit stream: ComfyUI casts their weight to the device
   in every forward. While anything streams, block checkpointing is on;
-- every comfy-op layer (Linear, Conv, norms; plain, fp8, ComfyUI-quantized) gets a weight / bias
-  function through ComfyUI's ``add_weight_wrapper`` (re-applied by every load of the clone, so it
-  survives validation sampling): :class:`BackwardSafe` hands autograd a tensor it may keep. A
-  layer with a function gets a fresh cast per forward; a copy that is still an inference tensor (a
-  cached weight) is cloned; a streamed layer's cast is always cloned, because ComfyUI may cast it
-  into a buffer it reuses for the next layers (AMD, ``--disable-cuda-malloc``), and autograd would
-  then replay backward with another layer's weight. A quantized layer with a function dequantizes
-  its weight first, so training runs the base in the compute dtype, forward and backward (ComfyUI's
-  fp8 backward, ``training_fp8_bwd``, stays off: :data:`TRAINING_FLAGS`);
-- other inference parameters (FLUX's QK-norm scales) are swapped for ordinary clones;
+- after each load, the layers get the weights autograd may keep (:mod:`.layer_weights`): a
+  resident layer holding plain tensors computes with zero-copy ordinary aliases of its inference
+  parameters (swapped in for the training steps, :class:`TrainingLoad`; FLUX's QK-norm scales
+  too); every other layer keeps a weight function registered with ComfyUI's ``add_weight_wrapper``
+  (re-applied by every load, so it survives validation sampling) that clones a streamed layer's
+  cast (ComfyUI may cast it into a buffer it reuses) and a quantized layer's cached copy. A
+  quantized layer with a function dequantizes its weight first, so training runs the base in the
+  compute dtype, forward and backward (ComfyUI's fp8 backward, ``training_fp8_bwd``, stays off:
+  :data:`TRAINING_FLAGS`);
 - every base parameter gets ``requires_grad = False`` (ComfyUI creates them with True, which would
   send gradients into the base weights);
 - optionally each block is wrapped in non-reentrant gradient checkpointing (the family's
@@ -55,7 +54,18 @@ import torch
 import torch.utils.checkpoint
 
 from ..tlora_core import families
+from .layer_weights import (
+    BackwardSafe,
+    ResidentAliases,
+    add_backward_safe_functions,
+    is_comfy_op,
+    remove_backward_safe_functions,
+    streams,
+)
 from .runtime_fixes import runtime_fixes
+
+__all__ = ["BackwardSafe", "LoadPlan", "Residency", "TrainingLoad", "is_comfy_op", "reload", "release",
+           "residency", "streams", "trainable_model"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +78,7 @@ log = logging.getLogger(__name__)
 #   is left set by ComfyUI's own trainer when its quantized_backward option was used.
 TRAINING_FLAGS = {"in_training": True, "training_fp8_bwd": False}
 GIB = 2 ** 30
-LOAD_PLAN_KEY = "tlora_train_load_plan"   # the training clone's attachment holding its LoadPlan
+LOAD_KEY = "tlora_train_load"   # the training clone's attachment holding its TrainingLoad
 
 
 @contextmanager
@@ -97,34 +107,6 @@ def _training_clone(patcher):
             "of it. Load it with a core loader, or start ComfyUI with --disable-dynamic-vram.")
     log.info("T-LoRA Train: training on the non-dynamic copy of a dynamic-VRAM model")
     return patcher.clone(disable_dynamic=True)
-
-
-def _is_comfy_op(module: torch.nn.Module) -> bool:
-    return hasattr(module, "weight_function") and hasattr(module, "bias_function")
-
-
-def streams(module: torch.nn.Module) -> bool:
-    """True if ComfyUI's last load of the model left ``module`` streaming (cast to the device in
-    every forward) rather than resident: a resident layer is one ComfyUI loaded completely
-    (``comfy_patched_weights``); before any load the answer is True, the safe side."""
-    return getattr(module, "comfy_patched_weights", False) is not True
-
-
-class BackwardSafe:
-    """A ComfyUI weight function: the tensor a layer computes with, as autograd may keep it.
-
-    Returns ``tensor`` itself when it is an ordinary fresh cast, else a private clone: when it is
-    an inference tensor (a cached weight; trainable_model runs with inference mode off, so the
-    clone is ordinary) or when the layer streams (its cast may sit in a buffer ComfyUI reuses).
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_inference() or streams(self.module):
-            return tensor.clone()
-        return tensor
 
 
 def checkpoint_blocks(dm: torch.nn.Module, block_names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -184,57 +166,12 @@ def _freeze_parameters(dm: torch.nn.Module, undo: _Restorer) -> None:
         p.requires_grad_(False)
 
 
-def _add_backward_safe_functions(patcher, dm: torch.nn.Module) -> int:
-    """A :class:`BackwardSafe` weight / bias function on every comfy op of ``dm``, registered on
-    ``patcher`` (applied at its loads); returns how many."""
-    added = 0
-    for name, module in dm.named_modules():
-        if not _is_comfy_op(module):
-            continue
-        for attr in ("weight", "bias"):
-            if isinstance(getattr(module, attr, None), torch.Tensor):
-                patcher.add_weight_wrapper(f"diffusion_model.{name}.{attr}", BackwardSafe(module))
-                added += 1
-    return added
-
-
-def _remove_backward_safe_functions(dm: torch.nn.Module) -> None:
-    """Take this run's functions off the shared model's layers: whatever ComfyUI loads next (the
-    MODEL the user gave, a stock LoRA on it) computes as if the run had never been."""
-    for module in dm.modules():
-        if _is_comfy_op(module):
-            for attr in ("weight_function", "bias_function"):
-                functions = getattr(module, attr)
-                if any(isinstance(f, BackwardSafe) for f in functions):
-                    setattr(module, attr, [f for f in functions if not isinstance(f, BackwardSafe)])
-
-
-def _clone_inference_parameters(dm: torch.nn.Module, undo: _Restorer) -> int:
-    """Ordinary clones of the inference parameters that no weight function reaches (modules that
-    are not comfy ops: FLUX's QK-norm scales, fp8 scales); small. Put back on undo."""
-    cloned = 0
-    for module in dm.modules():
-        skip = ("weight", "bias") if _is_comfy_op(module) else ()
-        for name, param in list(module._parameters.items()):
-            if name not in skip and param is not None and param.is_inference():
-                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-                undo.push(_restore_param(module, name, param))
-                cloned += 1
-    return cloned
-
-
 def _restore_attr(module: torch.nn.Module, attr: str, old, had_own: bool) -> Callable[[], None]:
     def restore() -> None:
         if had_own:
             setattr(module, attr, old)
         else:
             module.__dict__.pop(attr, None)
-    return restore
-
-
-def _restore_param(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> Callable[[], None]:
-    def restore() -> None:
-        module._parameters[name] = param
     return restore
 
 
@@ -268,7 +205,7 @@ def residency(patcher) -> Residency:
     """The :class:`Residency` of ``patcher``'s diffusion model as ComfyUI last loaded it."""
     resident = streamed = count = layers = 0
     for module in patcher.model.diffusion_model.modules():
-        if not (_is_comfy_op(module) and isinstance(getattr(module, "weight", None), torch.Tensor)):
+        if not (is_comfy_op(module) and isinstance(getattr(module, "weight", None), torch.Tensor)):
             continue
         size = comfy.model_management.module_size(module)
         layers += 1
@@ -294,6 +231,7 @@ class LoadPlan:
 
     memory_required: int
     max_vram_bytes: int = 0
+    checkpointed_required: int = 0   # the working set with checkpointing, when the run has it off
 
     def weight_budget(self) -> int | None:
         """Bytes of weights allowed on the device, None without a cap."""
@@ -301,23 +239,36 @@ class LoadPlan:
             return None
         return max(0, self.max_vram_bytes - self.memory_required)
 
-    def check(self) -> None:
-        """Refuse a cap that the working set alone exceeds, before anything is loaded."""
-        if self.max_vram_bytes and self.memory_required > self.max_vram_bytes:
-            raise RuntimeError(
-                f"T-LoRA Train: the run's working set alone ({self.memory_required / GIB:.2f} GiB: "
-                "activations, adapters, optimizer state, offload buffers) is more than max_vram_gb "
-                f"({self.max_vram_bytes / GIB:.2f} GiB), before any weight. Raise max_vram_gb, or lower "
-                "the batch size, the image size or the rank.")
+    def checkpointed(self) -> LoadPlan:
+        """The plan with gradient checkpointing on (its smaller working set)."""
+        return LoadPlan(self.checkpointed_required or self.memory_required, self.max_vram_bytes)
+
+    def fitted(self) -> LoadPlan:
+        """This plan, or its checkpointed one where the working set alone exceeds the cap; refuse a
+        cap that even that exceeds, before anything is loaded."""
+        if not self.max_vram_bytes or self.memory_required <= self.max_vram_bytes:
+            return self
+        if self.checkpointed_required and self.checkpointed_required <= self.max_vram_bytes:
+            log.info("T-LoRA Train: gradient checkpointing on: without it the working set "
+                     "(%.2f GiB) is more than max_vram_gb", self.memory_required / GIB)
+            return self.checkpointed()
+        least = self.checkpointed_required or self.memory_required
+        raise RuntimeError(
+            f"T-LoRA Train: the run's working set alone ({least / GIB:.2f} GiB with gradient "
+            "checkpointing: activations, adapters, optimizer state, offload buffers) is more than "
+            f"max_vram_gb ({self.max_vram_bytes / GIB:.2f} GiB), before any weight. Raise max_vram_gb, or "
+            "lower the batch size, the image size or the rank.")
 
     def load(self, patcher) -> Residency:
         """Load ``patcher`` as planned, under inference mode as ComfyUI's nodes do (see module
-        docstring), and return where its weights ended up."""
+        docstring), and return where its weights ended up. On a GPU where ComfyUI kept more
+        weights than leave the working set free (it keeps at least 40% of free memory for weights
+        on non-NVIDIA GPUs), ComfyUI's ``partially_unload`` streams more."""
         mm = comfy.model_management
+        device = patcher.load_device
         budget = self.weight_budget()
         ask = self.memory_required
         if budget is not None:
-            device = patcher.load_device
             free = mm.get_free_memory(device) + patcher.loaded_size()
             ask = max(ask, int(free - budget))
         with torch.inference_mode():
@@ -325,27 +276,35 @@ class LoadPlan:
             if budget is not None and patcher.loaded_size() > budget:
                 patcher.partially_unload(patcher.offload_device,
                                          memory_to_free=patcher.loaded_size() - budget)
+            if not mm.is_device_cpu(device):
+                short = self.memory_required - mm.get_free_memory(device)
+                if short > 0 and patcher.loaded_size() > 0:
+                    patcher.partially_unload(patcher.offload_device, memory_to_free=short)
         return residency(patcher)
+
+    def has_room(self, patcher) -> bool:
+        """Whether the working set fits in what the device has free (always on a CPU)."""
+        device = patcher.load_device
+        mm = comfy.model_management
+        return mm.is_device_cpu(device) or mm.get_free_memory(device) >= self.memory_required
 
     def check_room(self, patcher) -> None:
         """After the load: refuse a run whose working set does not fit beside what ComfyUI kept
         (a GPU only; a CPU's memory is the host's)."""
-        device = patcher.load_device
-        if comfy.model_management.is_device_cpu(device):
-            return
-        free = comfy.model_management.get_free_memory(device)
-        if free < self.memory_required:
+        if not self.has_room(patcher):
+            device = patcher.load_device
+            free = comfy.model_management.get_free_memory(device)
             raise RuntimeError(
                 f"T-LoRA Train: after loading, {free / GIB:.2f} GiB of {device} is free but the run's "
                 f"working set needs {self.memory_required / GIB:.2f} GiB ({residency(patcher).describe()}). "
-                "Set max_vram_gb to stream more weights, or lower the batch size, the image size or "
-                "the rank.")
+                "Close other programs using the GPU, turn gradient_checkpointing on, or lower the "
+                "batch size, the image size or the rank.")
 
 
 @contextmanager
 def trainable_model(patcher, *, gradient_checkpointing: bool,
                     compute_dtype: torch.dtype | None = None, memory_required: int = 0,
-                    max_vram_bytes: int = 0) -> Iterator:
+                    max_vram_bytes: int = 0, checkpointed_required: int = 0) -> Iterator:
     """Yield a loaded clone of ``patcher`` whose diffusion model can be backpropagated through.
 
     Must be entered with inference mode off and grad on (the caller's training context). The
@@ -353,51 +312,104 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
     ``compute_dtype``: run the base in this dtype (ComfyUI casts weights per layer), None = as is.
     ``memory_required``: the run's working set beside the weights, ``max_vram_bytes``: an optional
     cap (:class:`LoadPlan`); ComfyUI unloads other models (text encoders, VAE) from the device to
-    make room and streams the layers that do not fit. :func:`reload` loads the clone again the
+    make room and streams the layers that do not fit. ``checkpointed_required``: the working set
+    with gradient checkpointing, when ``gradient_checkpointing`` is off: checkpointing is turned
+    on where only that fits (or where anything streams). :func:`reload` loads the clone again the
     same way (after a validation sample loaded another clone).
     """
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         raise RuntimeError("trainable_model needs torch.inference_mode(False) and torch.enable_grad()")
     family = families.recognise(patcher.model)
-    plan = LoadPlan(int(memory_required), int(max_vram_bytes))
-    plan.check()
+    asked = LoadPlan(int(memory_required), int(max_vram_bytes),
+                     0 if gradient_checkpointing else int(checkpointed_required))
+    plan = asked.fitted()
+    gradient_checkpointing = gradient_checkpointing or plan is not asked
     with ExitStack() as stack:
         stack.enter_context(comfy_training_flags())
         stack.enter_context(runtime_fixes(family))
         train_patcher = _training_clone(patcher)
         if compute_dtype is not None:
-            train_patcher.set_model_compute_dtype(compute_dtype)
-            # The compute dtype is an object patch on the shared BaseModel: take it off again
-            # (weights stay loaded; ComfyUI's next load of any clone re-checks everything).
+            # The object patch of ComfyUI's set_model_compute_dtype without its force_cast_weights:
+            # forced casts leave every layer marked "already streamed" on the shared model, which
+            # makes ComfyUI's next partial load skip layers (and 0.3.75's partially_unload fail on
+            # FLUX's norms). A layer that must cast keeps its weight function, which casts.
+            train_patcher.add_object_patch("manual_cast_dtype", compute_dtype)
+            # An object patch on the shared BaseModel: take it off again (weights stay loaded).
             stack.callback(train_patcher.unpatch_model, unpatch_weights=False)
         dm = train_patcher.model.diffusion_model
-        functions = _add_backward_safe_functions(train_patcher, dm)
-        stack.callback(_remove_backward_safe_functions, dm)
-        train_patcher.set_attachments(LOAD_PLAN_KEY, plan)
-        where = plan.load(train_patcher)
+        functions = add_backward_safe_functions(train_patcher, dm)
+        stack.callback(remove_backward_safe_functions, dm)
+        undo = _Restorer()
+        stack.callback(undo.undo)
+        _freeze_parameters(dm, undo)
+        loads = TrainingLoad(plan, train_patcher, compute_dtype)
+        train_patcher.set_attachments(LOAD_KEY, loads)
+        stack.callback(_unload_if_streamed, train_patcher)
+        stack.callback(loads.release)
+        where = loads.load()
+        if not gradient_checkpointing and (where.streamed_layers > 0 or not plan.has_room(train_patcher)):
+            # Streamed weights are re-cast in each block's recomputation, and checkpointing's
+            # smaller working set may be all that fits.
+            log.info("T-LoRA Train: gradient checkpointing on (%s)", "weights stream" if
+                     where.streamed_layers else "the working set without it does not fit")
+            gradient_checkpointing = True
+            plan = loads.plan = plan.checkpointed()
         plan.check_room(train_patcher)
         train_patcher.pre_run()
         # pre_run's pair, as around ComfyUI's own sampling and training: the shared BaseModel
         # must not keep pointing at the training clone.
         stack.callback(train_patcher.cleanup)
-        undo = _Restorer()
-        stack.callback(undo.undo)
-        _freeze_parameters(dm, undo)
-        cloned = _clone_inference_parameters(dm, undo)
-        checkpointing = gradient_checkpointing or where.streamed_layers > 0
-        if checkpointing and not gradient_checkpointing:
-            log.info("T-LoRA Train: gradient checkpointing on while weights stream")
-        blocks = _install_checkpointing(dm, undo, family.checkpoint_blocks) if checkpointing else 0
+        blocks = _install_checkpointing(dm, undo, family.checkpoint_blocks) if gradient_checkpointing else 0
         log.info("T-LoRA Train: %s; working set %.2f GiB", where.describe(), plan.memory_required / GIB)
-        log.debug("trainable model: %d weight functions, %d params cloned, %d blocks checkpointed",
-                  functions, cloned, blocks)
+        log.debug("trainable model: %d weight functions, %d layers without copies, %d blocks checkpointed",
+                  functions, loads.aliased, blocks)
         yield train_patcher
 
 
+def _unload_if_streamed(patcher) -> None:
+    """Unload the training clone through ComfyUI if it streamed, so the shared model keeps no
+    streaming marks of the run (ComfyUI's next partial load of another clone skips layers it finds
+    marked "already streamed"); a fully loaded clone stays, for the next sampler to reuse."""
+    if not getattr(patcher.model, "model_lowvram", False):
+        return
+    mm = comfy.model_management
+    with torch.inference_mode():
+        for i, loaded in enumerate(mm.current_loaded_models):
+            if loaded.model is patcher:
+                loaded.model_unload()
+                mm.current_loaded_models.pop(i)
+                break
+
+
+class TrainingLoad:
+    """The training clone's loads: ComfyUI's, by the :class:`LoadPlan`, then the zero-copy aliases
+    of :mod:`.layer_weights` for the training steps; :meth:`release` takes the aliases out again
+    before anything else of ComfyUI runs (a validation sample, the end of the run)."""
+
+    def __init__(self, plan: LoadPlan, patcher, compute_dtype: torch.dtype | None = None) -> None:
+        self.plan = plan
+        self.patcher = patcher
+        self.aliases = ResidentAliases(patcher.model.diffusion_model, compute_dtype)
+        self.aliased = 0
+
+    def load(self) -> Residency:
+        self.aliases.restore()
+        where = self.plan.load(self.patcher)
+        self.aliased = self.aliases.apply()
+        return where
+
+    def release(self) -> None:
+        self.aliases.restore()
+
+
 def reload(train_patcher) -> Residency:
-    """Load the training clone again as :func:`trainable_model` planned it (after another clone of
-    the model was loaded, e.g. for a validation sample) and run its ``pre_run``."""
-    plan = train_patcher.get_attachment(LOAD_PLAN_KEY) or LoadPlan(0)
-    where = plan.load(train_patcher)
+    """Load the training clone again as :func:`trainable_model` did (after another clone of the
+    model was loaded, e.g. for a validation sample) and run its ``pre_run``."""
+    where = train_patcher.get_attachment(LOAD_KEY).load()
     train_patcher.pre_run()
     return where
+
+
+def release(train_patcher) -> None:
+    """Hand the training clone's layers back as ComfyUI made them (before a validation sample)."""
+    train_patcher.get_attachment(LOAD_KEY).release()
