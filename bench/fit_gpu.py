@@ -13,7 +13,9 @@ needs:
    and ``ModelPatcher.load`` picks the resident layers (largest first, with its own cast-buffer
    reservation), here run by ComfyUI's own code on the meta device (:func:`comfy_load`);
 3. the step's need on top of the resident weights, from ``bench/train_memory.py``'s exact
-   meta-device model (not the estimate), plus the casts of the streamed layers in flight
+   meta-device model (not the estimate): with the weight copies backward keeps where layers
+   compute on a cast (an fp8 base; when anything streams, counted for every layer: an upper bound
+   for the streamed ones' private copies), plus the casts of the streamed layers in flight
    (``training.memory.offload_buffers``, ComfyUI's two offload streams on NVIDIA);
 4. fits when resident weights + that + the CUDA context (:data:`CUDA_CONTEXT_GIB`, an estimate)
    stay within the card. Streamed weights cross PCIe twice per step (forward and the backward
@@ -101,18 +103,19 @@ def estimate(family: str, streamed: dict | None = None, config: dict | None = No
                               streamed=streamed, num_streams=NUM_STREAMS)
 
 
-def step_need(family: str, config: dict | None = None) -> dict[str, float]:
+def step_need(family: str, copies: bool, config: dict | None = None) -> dict[str, float]:
     """The exact model's need beside the base weights at each moment of a step, in bytes
-    (``train_memory.predict`` without its base and context; the same for any base dtype: every
-    layer computes with a compute-dtype copy of its weight)."""
-    p = train_memory.predict(family, image=IMAGE, checkpointing=True, device="gpu", config=config)
+    (``train_memory.predict`` without its base and context). ``copies``: every layer keeps a copy
+    of its weight for backward (computing on a cast); else none does (zero-copy aliases)."""
+    p = train_memory.predict(family, image=IMAGE, checkpointing=True, device="gpu", config=config,
+                             base_dtype=train_memory.COMPUTE_DTYPE, copy_every_weight=copies)
     return {k: (v - p["base_gib"]) * GIB for k, v in p["moments_gib"].items()}
 
 
-def fit(family: str, card_gb: int, base: torch.dtype, need: dict[str, float], asked: dict,
+def fit(family: str, card_gb: int, base: torch.dtype, needs: dict[bool, dict[str, float]], asked: dict,
         config: dict | None = None) -> dict:
     """One card: what T-LoRA Train asks, what ComfyUI keeps, what the step needs, whether it fits.
-    ``need``: :func:`step_need`; ``asked``: :func:`working_sets` for ``base``."""
+    ``needs``: :func:`step_need` without and with weight copies; ``asked``: :func:`working_sets`."""
     import comfy.model_management as mm
     from comfyui_tlora.training import memory
 
@@ -122,6 +125,7 @@ def fit(family: str, card_gb: int, base: torch.dtype, need: dict[str, float], as
     budget = max(0.0, free - max(mm.minimum_inference_memory(), ws.total + mm.extra_reserved_memory()))
     load = comfy_load(family, base, budget or 0.1, config)   # ComfyUI's own floor: 0.1 byte
     buffers = memory.offload_buffers(load["streamed"], train_memory.COMPUTE_DTYPE, NUM_STREAMS)
+    need = needs[base != train_memory.COMPUTE_DTYPE or bool(load["streamed"])]
     in_flight = ("end_of_forward", "largest_recompute")
     step = max(v + (buffers if k in in_flight else 0) for k, v in need.items())
     peak = load["resident_bytes"] + step + CUDA_CONTEXT_GIB * GIB
@@ -148,11 +152,11 @@ def working_sets(family: str, base: torch.dtype, config: dict | None = None) -> 
 
 
 def family_fits(family: str, config: dict | None = None) -> dict:
-    need = step_need(family, config)
+    needs = {copies: step_need(family, copies, config) for copies in (False, True)}
     out = {}
     for name, dtype in BASES.items():
         asked = working_sets(family, dtype, config)
-        out[name] = [fit(family, gb, dtype, need, asked, config) for gb in CARDS_GB]
+        out[name] = [fit(family, gb, dtype, needs, asked, config) for gb in CARDS_GB]
     return out
 
 

@@ -17,10 +17,12 @@ training flags, the family's runtime fixes, ComfyUI's PyTorch attention in every
   its recomputation, and what attention saves (``attention="efficient"``: PyTorch's flash kernel,
   q, k, v, the output and the log-sum-exp, as the CPU's SDPA and the GPU's flash / memory-efficient
   kernels keep; ``"math"``: math SDPA, which keeps the softmax's attention matrices);
-- the base weights that layers save for backward: a MODEL made by a ComfyUI loader has inference
-  tensors as weights, so the trainer hands each layer a fresh copy per forward
-  (``training.prepare``), and an fp8 base is cast to the compute dtype per forward; those copies
-  are what backward keeps (``inference_weights``);
+- the base weights that layers save for backward, where they are new memory: a layer computing
+  on its resident weight in the compute dtype keeps a zero-copy alias of it
+  (``training.layer_weights``: nothing new); a layer cast to the compute dtype per forward (an fp8
+  or quantized base) keeps its cast, a streamed layer its private copy of its cast (``streamed``);
+  ``copy_every_weight`` models the trainer before the aliases, which copied every weight per
+  forward (what ``bench/measure_memory.py``'s first measurements ran);
 - with checkpointing, the largest block's recomputation in backward (its saved tensors and
   weight copies, and its backward's working gradients: twice its largest saved tensor);
 - on a CPU whose oneDNN has no bf16 (``device="cpu"``, :func:`cpu_conv_columns`), the columns
@@ -47,6 +49,7 @@ import collections
 import json
 import logging
 import sys
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -179,13 +182,15 @@ def _storage(t: torch.Tensor) -> tuple[int, int]:
 
 def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, width: int = 128,
                 ortho: bool = True, tokens: int | None = None, attention: str = "efficient",
-                config: dict | None = None, scope: str = "attention") -> dict:
+                config: dict | None = None, scope: str = "attention",
+                copied: Callable[[str], bool] = lambda layer: True) -> dict:
     """What one forward of the model with adapters keeps for backward (meta device), in bytes.
 
     Each storage counts once (several ops saving one tensor keep it once). ``activations``: saved
     outside attention; ``attention``: saved by the attention kernel; ``checkpoint_inputs``: block
     inputs kept for recomputation (not already saved); ``weight_elements``: elements of the base
-    weights saved (their per-forward copies when the weights are inference tensors); ``blocks``:
+    weights saved as copies (of the layers for which ``copied(name)`` holds; the others keep the
+    weight itself, no new memory); ``blocks``:
     per checkpointed block, what it saves in order, as (bytes, 0, 0) or (0, weight elements, 0)
     (what its recomputation saves, when run without checkpointing) and, at each convolution,
     (0, 0, columns + its input's and output's bytes: its backward's transient); ``order``: per block
@@ -213,7 +218,8 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
     dm.requires_grad_(False)
     targets = find_targets(dm, family, scope)
     factors = _attach_meta_adapters(dm, targets, width, ortho)
-    weights = {_storage(p)[0]: p.numel() for p in dm.parameters()}
+    weights = {_storage(p)[0]: (p.numel(), name) for name, m in dm.named_modules()
+               for p in m.parameters(recurse=False)}
     factor_ids = {_storage(f)[0] for f in factors}
     blocks = checkpoint_blocks(dm, families.get(family).checkpoint_blocks)
     where, in_attention = ["outside blocks"], [False]
@@ -233,9 +239,10 @@ def saved_bytes(family: str, *, image: int = 1024, checkpointing: bool = True, w
         seen.add(sid)
         kept.append(t)
         if sid in weights:
-            totals["weight_elements"] += weights[sid]
-            block_weights[where[0]] += weights[sid]
-            block_saves[where[0]].append((0, weights[sid], 0))
+            elements = weights[sid][0] if copied(weights[sid][1]) else 0
+            totals["weight_elements"] += elements
+            block_weights[where[0]] += elements
+            block_saves[where[0]].append((0, elements, 0))
             return
         kind = kind or ("attention" if in_attention[0] else "activations")
         totals[kind] += size
@@ -332,16 +339,18 @@ def adapter_bytes(family: str, variant: str, rank: int, config: dict | None = No
 
 def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = True,
             attention: str = "efficient", device: str = "gpu", keep_rank: int | None = None,
-            inference_weights: bool = True, variant: str | None = None, rank: int | None = None,
+            variant: str | None = None, rank: int | None = None,
             base_dtype: torch.dtype | None = None, tokens: int | None = None,
-            config: dict | None = None, offload_bytes: int = 0) -> dict:
+            config: dict | None = None, offload_bytes: int = 0, streamed: Collection[str] = (),
+            copy_every_weight: bool = False) -> dict:
     """Peak tensor memory (GiB) of a steady-state training step and its parts (module docstring).
 
     Defaults: the family's recipe (``RECIPES``). ``keep_rank``: the step's r(t) (the factors are
     sliced to it); ``device="gpu"`` adds the CUDA context estimate; ``device="cpu"`` counts the slow
     convolution's columns where this CPU has them (:func:`cpu_conv_columns`). ``offload_bytes``:
     ComfyUI's casts of streamed layers in flight (:func:`training.memory.offload_buffers`), on top of
-    the forward and the recomputation.
+    the forward and the recomputation; ``streamed``: the layers that stream (their private copies
+    are kept); ``copy_every_weight``: every layer keeps a copy (the trainer before zero-copy aliases).
     """
     r_variant, r_rank, r_dtype, r_tokens = RECIPES[family]
     variant, rank = variant or r_variant, rank or r_rank
@@ -349,12 +358,17 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
     keep = rank if keep_rank is None else keep_rank
     ortho = variant in ("tlora", "ortho")
     a = adapter_bytes(family, variant, rank, config)
+    # A layer keeps a compute-dtype copy of its weight when it is cast per forward (a base in
+    # another dtype, a streamed layer) or the trainer copies every weight; else a zero-copy alias.
+    cast = copy_every_weight or base_dtype != COMPUTE_DTYPE
+    streamed = frozenset(streamed)
+
+    def copied(layer: str) -> bool:
+        return cast or layer in streamed
+
     s = saved_bytes(family, image=image, checkpointing=checkpointing, width=2 * keep if ortho else keep,
-                    ortho=ortho, tokens=tokens, attention=attention, config=config)
-    # Layers get a fresh weight copy per forward when the weights are inference tensors or are
-    # cast to the compute dtype (an fp8 base); backward keeps the copies it saved.
-    copied = inference_weights or base_dtype != COMPUTE_DTYPE
-    copy_size = COMPUTE_DTYPE.itemsize if copied else 0
+                    ortho=ortho, tokens=tokens, attention=attention, config=config, copied=copied)
+    copy_size = COMPUTE_DTYPE.itemsize
     base = a["base_params"] * torch.empty(0, dtype=base_dtype).element_size()
     persistent = a["state_bytes"] - a["grad_bytes"]       # factors, init, AdamW moments
     step_factors = a["step_factor_bytes"] / 2 * keep / rank   # the factors; as much again for grads
@@ -372,7 +386,8 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
         # probabilities and of the scores). By then what later blocks kept is freed and their
         # adapters' gradients have arrived.
         blocks = saved_bytes(family, image=image, checkpointing=False, width=2 * keep if ortho else keep,
-                             ortho=ortho, tokens=tokens, attention=attention, config=config)["blocks"]
+                             ortho=ortho, tokens=tokens, attention=attention, config=config,
+                             copied=copied)["blocks"]
         # Ortho: gradients of the step's factors; else of the parameters themselves (full rank).
         grads = {k: v * (1 if ortho else rank / keep) for k, v in s["block_factor_bytes"].items()}
         arrived = sum(v for k, v in grads.items() if k != "outside blocks")
@@ -397,7 +412,8 @@ def predict(family: str = "sdxl", *, image: int = 1024, checkpointing: bool = Tr
     peak = base + persistent + moments[at] + context
     return {"setting": {"family": family, "image": image, "checkpointing": checkpointing,
                         "attention": attention, "device": device, "keep_rank": keep,
-                        "inference_weights": inference_weights, "variant": variant, "rank": rank,
+                        "copy_every_weight": copy_every_weight, "streamed_layers": len(streamed),
+                        "variant": variant, "rank": rank,
                         "base_dtype": str(base_dtype), "text_tokens": tokens},
             "base_params": a["base_params"], "targets": a["targets"],
             "trainable_params": a["trainable_params"],

@@ -3,12 +3,14 @@ bench/fit_gpu.py's partial loading against ComfyUI's own, at real size on the me
 
 The exact model runs the real model with the trainer's adapter hooks and counts what autograd
 keeps; the working set estimates the same from module names and shapes alone. Tolerances (what
-the families give at 1024 x 1024, their recipes, with a margin): activations -10% .. +30% (the
-block inputs a checkpoint keeps are counted almost exactly; a UNet's layers between its blocks are
-over-counted, +17% / +24% for SD 1.5 / SDXL), the largest block's recompute -15% .. +35% (each
-layer's input and output counted once: Z-Image's gated MLP keeps more, -11%; Qwen-Image's plain
-one less, +29%), and the working set without its slack never under the exact need nor more than
-40% over it (its parts are summed, though their peaks fall at different moments of a step).
+the families give at 1024 x 1024, their recipes, with a margin): activations -10% .. +35% (the
+block inputs a checkpoint keeps are counted almost exactly, -5% .. 0%; a UNet's layers between its
+blocks are over-counted, +21% / +29% for SD 1.5 / SDXL), the largest block's recompute -20% ..
++35% (each layer's input and output counted once: Z-Image's gated MLP keeps more, -14%;
+Qwen-Image's and SDXL's less, +14% / +18%), and the working set without its slack never under the
+exact need nor more than 40% over it (its parts are summed, though their peaks fall at different
+moments of a step: +3% .. +35%). Both count the weight copies backward keeps only where a layer
+computes on a cast (none here: bf16 weights, fully loaded).
 """
 
 from __future__ import annotations
@@ -68,10 +70,10 @@ def _compare(family: str, image: int = 1024, checkpointing: bool = True, tokens:
 
 def _check_bounds(ws, exact) -> None:
     activations = ws.activations / (exact["forward_saved_gib"] * GIB) - 1
-    assert -0.10 <= activations <= 0.30, (ws, exact["forward_saved_gib"])
+    assert -0.10 <= activations <= 0.35, (ws, exact["forward_saved_gib"])
     if exact["setting"]["checkpointing"]:
         recompute = ws.recompute / (exact["largest_block_recompute_gib"] * GIB) - 1
-        assert -0.15 <= recompute <= 0.35, (ws, exact["largest_block_recompute_gib"])
+        assert -0.20 <= recompute <= 0.35, (ws, exact["largest_block_recompute_gib"])
     else:
         assert ws.recompute == 0
     need = (exact["peak_gib"] - exact["base_gib"] - exact["context_gib"]) * GIB
@@ -114,11 +116,37 @@ def test_working_set_exact_parts_and_description(comfy):
     assert (ws.step_factors, ws.total > 0) == (0, True)   # Vanilla: the parameters are the factors
     line = ws.describe()
     assert "\n" not in line and f"{ws.total / GIB:.2f} GiB" in line and "recompute" in line
-    # Batch 2 keeps about twice what batch 1 keeps (not the weight copies, nor the adapters' state).
+    # Batch 2 keeps twice what batch 1 keeps (not the adapters' state; no weight copies here: the
+    # bf16 weights are resident plain tensors).
     one = memory.working_set(dm, spec, targets, variant="vanilla", rank=8, optimizer_copies=4,
                              **{**kwargs, "latent_shape": (1, 16, 64, 64)})
-    assert 1.9 * one.activations < ws.activations < 2 * one.activations
-    assert one.recompute < ws.recompute < 2 * one.recompute and ws.adapter_state == one.adapter_state
+    assert (ws.activations, ws.recompute) == (2 * one.activations, 2 * one.recompute)
+    assert ws.adapter_state == one.adapter_state
+
+
+def test_weight_copies_count_where_layers_compute_on_a_cast(comfy):
+    """Resident plain layers compute on zero-copy aliases (nothing kept beyond the weight); a
+    streamed layer keeps its private copy, an fp8 layer its cast: the same bytes in the compute dtype."""
+    import torch
+    from comfyui_tlora.tlora_core import families
+    from comfyui_tlora.training import memory
+    from comfyui_tlora.training.targets import find_targets
+
+    tm = _bench("train_memory")
+    spec = families.get("flux")
+    kwargs = dict(variant="vanilla", rank=32, optimizer_copies=2, latent_shape=(1, 16, 128, 128),
+                  context_tokens=512, compute_dtype=torch.bfloat16, checkpointing=True)
+    plain = tm.meta_model("flux").diffusion_model
+    fp8 = tm.meta_model("flux", dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16).diffusion_model
+    resident = memory.working_set(plain, spec, find_targets(plain, spec), **kwargs)
+    streamed = memory.working_set(plain, spec, find_targets(plain, spec), streamed=memory.streamable(plain),
+                                  num_streams=2, **kwargs)
+    cast = memory.working_set(fp8, spec, find_targets(fp8, spec), **kwargs)
+    assert resident.recompute < streamed.recompute == cast.recompute
+    assert resident.activations < streamed.activations == cast.activations   # the output projection's copy
+    largest_blocks = streamed.recompute - resident.recompute
+    assert 2 * 3072 * 21504 <= largest_blocks <= 2 * 340e6   # a block's weights, bf16: linear1 .. a double block
+    assert resident.offload_buffers == cast.offload_buffers == 0 < streamed.offload_buffers
 
 
 def test_layer_tokens_follow_the_model(comfy):

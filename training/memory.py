@@ -12,10 +12,11 @@ resident, i.e. what T-LoRA Train asks ComfyUI to leave free (``load_models_gpu(m
   each layer's estimate (below) and the weight copies those layers keep; without checkpointing,
   every block's estimate and weight copies as well;
 - ``recompute``: with checkpointing, the largest block's recomputation in backward: its estimate,
-  the compute-dtype copies of its weights that backward keeps (every comfy-op layer computes with
-  a fresh copy per forward, resident or streamed: :class:`training.prepare.BackwardSafe`; a
-  streamed layer's private copy of its cast IS that copy, so it is counted here, once) and its
-  backward's working gradients (twice its largest saved tensor);
+  the weight copies backward keeps of its layers that compute on a per-forward cast (a streamed
+  layer's private copy of its cast, a layer stored in another dtype than the compute dtype: fp8,
+  quantized; a resident plain layer computes on a zero-copy alias of its weight,
+  :mod:`training.layer_weights`: nothing new) and its backward's working gradients (twice its
+  largest saved tensor);
 - ``offload_buffers``: ComfyUI's casts of streamed layers in flight: one per offload stream
   (``comfy.model_management.NUM_STREAMS``; at least one, the cast of the running layer) of the
   largest streamed layers in their stored dtype, plus the conversion of one to the compute dtype
@@ -23,11 +24,11 @@ resident, i.e. what T-LoRA Train asks ComfyUI to leave free (``load_models_gpu(m
 - ``slack``: an allowance, not a computed part: :data:`SLACK_FLOOR` plus :data:`SLACK_FRACTION`
   of the transient parts (activations, recompute, offload buffers). It covers the estimate's
   error (against ``bench/train_memory.py``'s exact meta-device computation, every family at its
-  recipe, 1024 x 1024: a block's kept tensors -22% to +18%, the largest recomputation -11% to
-  +29%, the forward's kept tensors -6% to +24%; ``tests/test_memory_plan.py``), the caching
+  recipe, 1024 x 1024: a block's kept tensors -22% to +18%, the largest recomputation -14% to
+  +18%, the forward's kept tensors -5% to +29%; ``tests/test_memory_plan.py``), the caching
   allocator's fragmentation and the small tensors left out (latents, noise, conditioning, the
   loss). The parts are summed although their peaks fall at different moments of a step, so the
-  total is an upper bound of the exact model's need (7-30% over it before the slack).
+  total is an upper bound of the exact model's need (3-28% over it before the slack).
 
 The block estimate, per layer (Linear-like or convolution) running on ``n`` tokens with ``s``-byte
 compute dtype: ``n * (in + out) * s``, the layer's input and output once, standing for what the
@@ -53,6 +54,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..tlora_core.families import Family, TrainTarget
+from .layer_weights import PLAIN
 from .modules import ORTHO_VARIANTS, adapter_memory
 
 GIB = 2 ** 30
@@ -210,9 +212,18 @@ class _Block:
     inputs: int = 0         # bytes of its input streams (what a checkpoint keeps)
 
 
+def _cast(module: torch.nn.Module, compute_dtype: torch.dtype) -> bool:
+    """Whether a layer computes on a per-forward cast of its weight even when resident: stored in
+    another dtype (fp8) or as a quantized tensor (ComfyUI's QuantizedTensor, GGUF)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and (type(weight) not in PLAIN or weight.dtype != compute_dtype)
+
+
 def _estimate(layers: list[_Layer], blocks: list[str], adapters: Mapping[str, list[TrainTarget]],
-              width: int, size: int, batch: int) -> tuple[dict[str, _Block], _Block]:
+              width: int, compute_dtype: torch.dtype, batch: int,
+              streamed: Mapping[str, torch.nn.Module]) -> tuple[dict[str, _Block], _Block]:
     """Per checkpointed block and for everything outside blocks: the module docstring's estimate."""
+    size = compute_dtype.itemsize
     per: dict[str, _Block] = {b: _Block() for b in blocks}
     outside = _Block()
     streams_seen: dict[str, set[str]] = {b: set() for b in blocks}
@@ -227,7 +238,8 @@ def _estimate(layers: list[_Layer], blocks: list[str], adapters: Mapping[str, li
             continue
         own = sum(n * (t.in_features + width) * ADAPTER_BYTES for t in adapters.get(layer.name, ()))
         part.saved += n * (layer.in_features + layer.out_features) * size + own
-        part.weights += _weight_elements(layer.module) * size
+        if layer.name in streamed or _cast(layer.module, compute_dtype):
+            part.weights += _weight_elements(layer.module) * size
         part.largest = max(part.largest, n * layer.out_features * size,
                            n * layer.in_features * ADAPTER_BYTES if layer.name in adapters else 0)
     return per, outside
@@ -281,7 +293,8 @@ def working_set(diffusion_model: torch.nn.Module, family: Family, targets: list[
         context_tokens: the conditioning's token count (its ``shape[1]``).
         compute_dtype: the dtype the base runs in (the weights' copies and activations).
         checkpointing: block gradient checkpointing on (always, while anything streams).
-        streamed: the layers ComfyUI streams, by name; :func:`streamable` before a load.
+        streamed: the layers ComfyUI streams, by name (their casts in flight and the private
+            copies backward keeps); :func:`streamable` before a load, :func:`streaming` after.
         num_streams: ComfyUI's offload streams (default ``comfy.model_management.NUM_STREAMS``).
     """
     from .prepare import checkpoint_blocks
@@ -293,7 +306,7 @@ def working_set(diffusion_model: torch.nn.Module, family: Family, targets: list[
         adapters.setdefault(t.module, []).append(t)
     blocks = list(checkpoint_blocks(diffusion_model, tuple(family.checkpoint_blocks)))
     layers = _layers(diffusion_model, family, tuple(latent_shape), int(context_tokens), blocks, adapters)
-    per, outside = _estimate(layers, blocks, adapters, width, compute_dtype.itemsize, int(latent_shape[0]))
+    per, outside = _estimate(layers, blocks, adapters, width, compute_dtype, int(latent_shape[0]), streamed or {})
     activations = outside.saved + outside.weights
     if checkpointing:
         activations += sum(b.inputs for b in per.values())
