@@ -249,3 +249,21 @@ def test_a_cap_only_the_checkpointed_working_set_fits_turns_checkpointing_on(cap
     plain = th.train(model, latents, positive, **SETTINGS)
     assert capped.losses == plain.losses
     _assert_equal_adapters(capped, plain)
+
+
+@pytest.mark.parametrize("upstream", [False, True])
+def test_a_compute_dtype_streams_and_leaves_no_cast_marks(upstream):
+    """training_dtype bf16, or a compute dtype set upstream (ComfyUI's ModelComputeDtype node), on a
+    streamed FLUX run: it trains (0.3.75's partially_unload once failed on forced casts) and leaves
+    no layer of the shared model marked as cast or streamed (th.assert_restored)."""
+    model, latents, positive = th.node_inputs("flux")
+    if upstream:
+        model = model.clone()
+        model.set_model_compute_dtype(torch.bfloat16)
+    loop, _, _ = _modules()
+    settings = {**SETTINGS, "compute_dtype": "auto" if upstream else "bf16"}
+    cap = _half_the_weights_cap(model, loop.TrainConfig(**settings))
+    before = th.snapshot(model)
+    result = th.train(model, latents, positive, max_vram_gb=cap, **settings)
+    th.assert_restored(before, model)
+    assert all(torch.isfinite(torch.tensor(result.losses)))

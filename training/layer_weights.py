@@ -15,8 +15,10 @@ Per layer, after each load of the training clone:
   ComfyUI's ``add_weight_wrapper`` (re-applied by each load): a **streamed** layer (ComfyUI casts
   it to the device in every forward, possibly into a buffer it reuses for the next layers: AMD,
   ``--disable-cuda-malloc``; autograd would then replay backward with another layer's weight) gets
-  a private clone of its cast; a **quantized** layer (ComfyUI's ``QuantizedTensor``, GGUF) gets its
-  fresh dequantized weight, cloned only if it is still an inference tensor (a cached copy).
+  a private clone of its cast; a layer of ComfyUI's quantized layouts (``QuantizedTensor``) gets its
+  fresh dequantized weight, cloned only if it is still an inference tensor (a cached copy). A GGUF
+  layer runs its own cast, which ignores weight functions; it needs none: it dequantizes into a
+  new tensor in every forward.
 """
 
 from __future__ import annotations
@@ -78,11 +80,16 @@ def add_backward_safe_functions(patcher, dm: torch.nn.Module) -> int:
     return added
 
 
-def _without_backward_safe(module: torch.nn.Module) -> None:
+def _without_backward_safe(module: torch.nn.Module) -> list[tuple[str, list]]:
+    """Take the :class:`BackwardSafe` functions off ``module``; returns ``(attribute, old list)``
+    for each list changed."""
+    changed = []
     for attr in ("weight_function", "bias_function"):
         functions = getattr(module, attr)
         if any(isinstance(f, BackwardSafe) for f in functions):
+            changed.append((attr, functions))
             setattr(module, attr, [f for f in functions if not isinstance(f, BackwardSafe)])
+    return changed
 
 
 def remove_backward_safe_functions(dm: torch.nn.Module) -> None:
@@ -121,27 +128,29 @@ class ResidentAliases:
     :meth:`apply` after each load of the training clone (with inference mode off): each such
     layer's inference parameters become ordinary aliases and, for a comfy op, its
     :class:`BackwardSafe` functions come off. :meth:`restore` puts the very Parameter objects back
-    wherever the module still holds the alias; ComfyUI's next load of the clone puts the functions
-    back (``add_weight_wrapper``). Modules that are not comfy ops (FLUX's QK-norm scales) are
+    wherever the module still holds the alias, and the functions it took off. Modules that are not comfy ops (FLUX's QK-norm scales) are
     aliased too, and so are a layer's parameters beside its weight and bias (scales) wherever the
     weight and bias keep their functions.
     """
 
-    def __init__(self, dm: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
-        self.dm = dm
-        self.compute_dtype = compute_dtype   # the dtype the run computes in (None: the weights')
+    def __init__(self, base_model: torch.nn.Module) -> None:
+        self.base_model = base_model      # ComfyUI's BaseModel (its diffusion_model is aliased)
         self._swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.nn.Parameter]] = []
+        self._stripped: list[tuple[torch.nn.Module, str, list]] = []
 
     def apply(self) -> int:
         """Swap the aliases in; returns how many layers now compute with no copy."""
         self.restore()
+        # The dtype the layers compute in as loaded (the training_dtype's object patch, or a
+        # manual-cast model's), None: their weights'.
+        compute = getattr(self.base_model, "manual_cast_dtype", None)
         layers = 0
-        for module in self.dm.modules():
-            whole = _aliasable(module, self.compute_dtype)
+        for module in self.base_model.diffusion_model.modules():
+            whole = _aliasable(module, compute)
             if whole:
                 layers += 1
                 if is_comfy_op(module):
-                    _without_backward_safe(module)
+                    self._stripped.extend((module, attr, old) for attr, old in _without_backward_safe(module))
             for name, param in list(module._parameters.items()):
                 # A layer that keeps its functions still gets its other plain parameters aliased
                 # (0.3.75's scaled-fp8 Linear multiplies the input by its scale_input / scale_weight).
@@ -154,8 +163,14 @@ class ResidentAliases:
         return layers
 
     def restore(self) -> None:
-        """Put the original Parameters back (newest first)."""
+        """Put the original Parameters and the functions taken off back (newest first): the
+        layers are as ComfyUI's load left them, whatever ComfyUI does with them next."""
         while self._swapped:
             module, name, original, alias = self._swapped.pop()
             if module._parameters.get(name) is alias:
                 module._parameters[name] = original
+        while self._stripped:
+            module, attr, functions = self._stripped.pop()
+            current = getattr(module, attr)
+            setattr(module, attr, [*current, *(f for f in functions if isinstance(f, BackwardSafe)
+                                               and f not in current)])

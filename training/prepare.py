@@ -328,11 +328,13 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         stack.enter_context(comfy_training_flags())
         stack.enter_context(runtime_fixes(family))
         train_patcher = _training_clone(patcher)
+        # A compute dtype set upstream (ModelComputeDtype) comes as an object patch, which the clone
+        # keeps, plus forced casts, which the run drops: they leave every layer marked as streamed
+        # on the shared model (and 0.3.75's partially_unload fails on FLUX's norms). A layer that
+        # must cast keeps its weight function, which casts.
+        train_patcher.force_cast_weights = False
         if compute_dtype is not None:
-            # The object patch of ComfyUI's set_model_compute_dtype without its force_cast_weights:
-            # forced casts leave every layer marked "already streamed" on the shared model, which
-            # makes ComfyUI's next partial load skip layers (and 0.3.75's partially_unload fail on
-            # FLUX's norms). A layer that must cast keeps its weight function, which casts.
+            # ComfyUI's set_model_compute_dtype without its forced casts (above).
             train_patcher.add_object_patch("manual_cast_dtype", compute_dtype)
             # An object patch on the shared BaseModel: take it off again (weights stay loaded).
             stack.callback(train_patcher.unpatch_model, unpatch_weights=False)
@@ -342,9 +344,10 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         undo = _Restorer()
         stack.callback(undo.undo)
         _freeze_parameters(dm, undo)
-        loads = TrainingLoad(plan, train_patcher, compute_dtype)
+        loads = TrainingLoad(plan, train_patcher)
         train_patcher.set_attachments(LOAD_KEY, loads)
-        stack.callback(_unload_if_streamed, train_patcher)
+        stack.callback(_unload_if_streamed, train_patcher, private=train_patcher.model is not patcher.model)
+        stack.callback(train_patcher.attachments.pop, LOAD_KEY, None)
         stack.callback(loads.release)
         where = loads.load()
         if not gradient_checkpointing and (where.streamed_layers > 0 or not plan.has_room(train_patcher)):
@@ -366,11 +369,13 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         yield train_patcher
 
 
-def _unload_if_streamed(patcher) -> None:
+def _unload_if_streamed(patcher, private: bool = False) -> None:
     """Unload the training clone through ComfyUI if it streamed, so the shared model keeps no
     streaming marks of the run (ComfyUI's next partial load of another clone skips layers it finds
-    marked "already streamed"); a fully loaded clone stays, for the next sampler to reuse."""
-    if not getattr(patcher.model, "model_lowvram", False):
+    marked "already streamed"), or if it holds a ``private`` model (a dynamic-VRAM MODEL's
+    non-dynamic delegate, which no sampler uses); a fully loaded shared clone stays, for the next
+    sampler to reuse its weights."""
+    if not (private or getattr(patcher.model, "model_lowvram", False)):
         return
     mm = comfy.model_management
     with torch.inference_mode():
@@ -386,10 +391,10 @@ class TrainingLoad:
     of :mod:`.layer_weights` for the training steps; :meth:`release` takes the aliases out again
     before anything else of ComfyUI runs (a validation sample, the end of the run)."""
 
-    def __init__(self, plan: LoadPlan, patcher, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, plan: LoadPlan, patcher) -> None:
         self.plan = plan
         self.patcher = patcher
-        self.aliases = ResidentAliases(patcher.model.diffusion_model, compute_dtype)
+        self.aliases = ResidentAliases(patcher.model)
         self.aliased = 0
 
     def load(self) -> Residency:
