@@ -19,7 +19,7 @@ The model: SDXL's real channel widths (320 / 640 / 1280, 64-channel heads, 2048-
 adm vector) with one ResBlock and one transformer block per level where SDXL has two and ten
 (:data:`SLICE`: 436 M parameters, 7 transformer blocks, 56 attention adapters), on a
 ``--latent`` x ``--latent`` latent (default 32: a 256 x 256 image; tokens per level 1024 / 256 /
-64), a 77-token prompt, batch 1, fp32 (this CPU has no fast bf16).
+64), a 77-token prompt, batch 1, fp32.
 
 Step time: the floor steps are timed one by one; a T-LoRA step is the interval between two
 consecutive calls of the diffusion model's forward (one per step: backward, optimizer step, the
