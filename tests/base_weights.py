@@ -41,26 +41,27 @@ def plain(tensor: torch.Tensor) -> torch.Tensor:
 def watch_trainings(monkeypatch):
     """``record(model)``: from then on, the weights of ``model`` are captured just before and just
     after every T-LoRA Train run, with every model unloaded (no stock LoRA patched in); returns the
-    list of (before, after) captures."""
-    from comfyui_tlora.nodes import train as train_node
+    list of (before, after) captures. (The run is ``training.job.run_job``, which the node calls:
+    ComfyUI's executor may call a copy of the node class made before a test patched it.)"""
+    from comfyui_tlora.training import job
 
     captures, watched = [], []
-    real = train_node.TLoRATrain.execute.__func__
+    real = job.run_job
 
-    def execute(cls, *args, **kwargs):
+    def run_job(*args, **kwargs):
         import comfy.model_management
 
         # A stock LoRA is patched into the shared weights while its clone is loaded, and ComfyUI puts
         # the weights back when it unloads it: unload before and after, so what is compared is what
-        # this node does.
+        # the run does.
         comfy.model_management.unload_all_models()
         before = [weights(m) for m in watched]
-        out = real(cls, *args, **kwargs)
+        out = real(*args, **kwargs)
         comfy.model_management.unload_all_models()
         captures.extend(zip(before, [weights(m) for m in watched]))
         return out
 
-    monkeypatch.setattr(train_node.TLoRATrain, "execute", classmethod(execute))
+    monkeypatch.setattr(job, "run_job", run_job)
 
     def record(model):
         watched.append(model)

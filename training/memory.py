@@ -33,7 +33,8 @@ resident, i.e. what T-LoRA Train asks ComfyUI to leave free (``load_models_gpu(m
 The block estimate, per layer (Linear-like or convolution) running on ``n`` tokens with ``s``-byte
 compute dtype: ``n * (in + out) * s``, the layer's input and output once, standing for what the
 norms, activations and attention around it keep (a frozen layer itself keeps only its weight);
-plus per adapter on it, its fp32 input copy and low-rank product ``n * (in + w) * 4`` (``w``: the
+plus, when adapters sit on it, one fp32 copy of its input ``n * in * 4`` and per adapter its
+low-rank product ``n * w * 4`` (``w``: the
 factor width, twice the rank for the Ortho variants). A layer's tokens come from ComfyUI's module
 names: per-sample modulations run on one (and keep nothing: their input needs no gradient), text
 streams and cross-attention keys / values on the conditioning's tokens, the image stream on the
@@ -236,7 +237,9 @@ def _estimate(layers: list[_Layer], blocks: list[str], adapters: Mapping[str, li
             part.inputs += n * layer.in_features * size
         if not layer.keeps:
             continue
-        own = sum(n * (t.in_features + width) * ADAPTER_BYTES for t in adapters.get(layer.name, ()))
+        on_layer = adapters.get(layer.name, ())
+        # One fp32 copy of the layer's input for all its adapters, and each adapter's product.
+        own = (n * layer.in_features + len(on_layer) * n * width) * ADAPTER_BYTES if on_layer else 0
         part.saved += n * (layer.in_features + layer.out_features) * size + own
         if layer.name in streamed or _cast(layer.module, compute_dtype):
             part.weights += _weight_elements(layer.module) * size

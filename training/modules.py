@@ -248,7 +248,9 @@ def _plan(state: RankState, schedule: RankSchedule | None,
 
 def _training_hook(group: list[TrainableAdapter], state: RankState, schedule: RankSchedule | None):
     def forward_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
+        # One float32 copy of the input for all adapters of the layer (a fused qkv has three),
+        # which autograd keeps for backward.
+        x = args[0].to(ADAPTER_DTYPE)
         mask, rank = _plan(state, schedule, x.device)
         # Without begin_step (masks set directly) each layer builds its factors itself.
         deltas = [(a.target.out_rows, a.delta(x, mask, rank, a.step_factors)) for a in group]
