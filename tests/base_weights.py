@@ -41,10 +41,14 @@ def plain(tensor: torch.Tensor) -> torch.Tensor:
 def watch_trainings(monkeypatch):
     """``record(model)``: from then on, the weights of ``model`` are captured just before and just
     after every T-LoRA Train run, with every model unloaded (no stock LoRA patched in); returns the
-    list of (before, after) captures. (The run is ``training.job.run_job``, which the node calls:
-    ComfyUI's executor may call a copy of the node class made before a test patched it.)"""
-    from comfyui_tlora.training import job
+    list of (before, after) captures. (The run is ``training.job.run_job`` of the pack copy whose
+    TLoRATrain ComfyUI's registry holds: a test that loads the pack as a custom node registers a
+    second copy of its modules.)"""
+    import sys
 
+    import nodes
+
+    job = sys.modules[nodes.NODE_CLASS_MAPPINGS["TLoRATrain"].__module__].job
     captures, watched = [], []
     real = job.run_job
 

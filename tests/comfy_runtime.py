@@ -314,3 +314,19 @@ def node_output(executor, node_id: str, slot: int = 0):
     if entry is None:
         raise AssertionError(f"node {node_id} has no cached output (did it run?)")
     return entry.outputs[slot][0]
+
+
+def load_bench(name: str):
+    """The module ``bench/<name>.py`` by name (once), with ``sys.path`` as it was before: a bench
+    script puts the repository first, whose ``nodes`` package would shadow ComfyUI's nodes.py."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # bench modules import each other by name
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module

@@ -7,12 +7,9 @@ against the model's meta-device prediction for the same settings.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from comfy_runtime import REPO, TINY_SDXL_CONFIG
+from comfy_runtime import TINY_SDXL_CONFIG, load_bench
 
 pytestmark = pytest.mark.comfy
 
@@ -20,17 +17,7 @@ RANK = 16   # the recipe's 64 does not fit the tiny model's 32-wide layers
 
 
 def _bench(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module   # measure_memory imports train_memory by name
-    saved = list(sys.path)   # a bench script puts the repository first: its nodes/ would shadow ComfyUI's
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return load_bench(name)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no_checkpointing"])

@@ -15,29 +15,16 @@ computes on a cast (none here: bf16 weights, fully loaded).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
-from comfy_runtime import REPO, TINY_SDXL_CONFIG
+from comfy_runtime import REPO, TINY_SDXL_CONFIG, load_bench
 
 pytestmark = pytest.mark.comfy
 GIB = 2 ** 30
 
 
 def _bench(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    saved = list(sys.path)   # a bench script puts the repository first: its nodes/ would shadow ComfyUI's
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
+    return load_bench(name)
 
 
 def _families() -> list:

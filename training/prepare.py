@@ -363,7 +363,9 @@ def trainable_model(patcher, *, gradient_checkpointing: bool,
         # must not keep pointing at the training clone.
         stack.callback(train_patcher.cleanup)
         blocks = _install_checkpointing(dm, undo, family.checkpoint_blocks) if gradient_checkpointing else 0
-        log.info("T-LoRA Train: %s; working set %.2f GiB", where.describe(), plan.memory_required / GIB)
+        log.info("T-LoRA Train: %s; working set %.2f GiB; predicted peak %.2f GiB on %s", where.describe(),
+                 plan.memory_required / GIB, (where.resident_bytes + plan.memory_required) / GIB,
+                 train_patcher.load_device)
         log.debug("trainable model: %d weight functions, %d layers without copies, %d blocks checkpointed",
                   functions, loads.aliased, blocks)
         yield train_patcher
